@@ -1,0 +1,1033 @@
+"""Dreamer in one file: Hafner, Lillicrap, Ba, Norouzi, "Dream to Control: Learning Behaviors by
+Latent Imagination", ICLR 2020 (arXiv 1912.01603). Read it next to the paper, top to bottom.
+
+    python dreamer.py --env reacher_easy                  # paper defaults (slow on a CPU)
+    python dreamer.py --env reacher_easy --preset tiny    # smoke run, under 2 minutes on 2 cores
+    python dreamer.py --help                              # every flag, with its paper symbol
+
+The file follows the paper's order: configuration → encoder → RSSM (Eq. 1) → decoder → reward
+model → actor (Eq. 2–3) → value model (Eq. 2) → value estimates (Eq. 4–6) → losses (Eq. 7, 8, 10)
+→ replay buffer → environment → training loop (Algorithm 1) → main().
+
+Where the paper leaves a detail open we follow the authors' TF2 code (github.com/danijar/dreamer)
+and say so with the tag "[official code]"; README.md lists every such place.
+
+Glossary (paper symbol → name here, shape):
+    o_t  image observation        obs      uint8 [3, 64, 64] in replay, float in [−½, ½] for nets
+    a_t  action                   action   [A], each entry in [−1, 1]
+    r_t  reward                   reward   scalar
+    h_t  deterministic state      h        [deter_size]            (GRU memory of the RSSM)
+    z_t  stochastic state         z        [stoch_size]            (diagonal Gaussian sample)
+    s_t  model state = (z_t, h_t) feat     [stoch_size + deter_size] = cat(z, h)
+    H    imagination horizon      horizon
+    γ, λ discount, λ-return mix   discount, lam
+    θ, φ, ψ  world model, actor, value model parameters
+Conventions: replay batches are batch-major [B, L, ...] (B sequences of L steps); imagined
+trajectories are time-major [H, N, ...] with N = B·L start states. Replay row t holds
+(a_{t−1}, r_t, o_t): the action that led to o_t and the reward received with it.
+"""
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Headless MuJoCo rendering must be chosen before dm_control is first imported (it is imported
+# lazily, inside make_env). EGL works without a display; a user's own setting wins.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input from the command line or the logdir: main() prints it as one line, exit 2."""
+
+
+# ============================================================================================
+# Configuration. Defaults are the paper's / official code's values (the "paper" preset).
+# ============================================================================================
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # Schedule (Algorithm 1). Env steps are counted after action repeat, as the paper counts.
+    steps: int = _f(5_000_000, "total env steps to train for (paper Fig. 6: 5e6)")
+    action_repeat: int = _f(2, "R: each action is repeated R env steps (paper, all DMC tasks)")
+    time_limit: int = _f(1000, "episode length T in env steps (DMC default 1000)")
+    seed_episodes: int = _f(5, "S: random-action episodes before training (Algorithm 1)")
+    train_every: int = _f(1000, "env steps between training phases [official code]")
+    train_steps: int = _f(100, "C: gradient updates per training phase (Algorithm 1)")
+    batch_size: int = _f(50, "B: sequences per batch (paper Sec. 6)")
+    batch_length: int = _f(50, "L: steps per sequence (paper Sec. 6)")
+    # World model (Sec. 4 and Appendix A).
+    cnn_depth: int = _f(32, "encoder/decoder channels multiplier: 32·(1,2,4,8) [official code]")
+    deter_size: int = _f(200, "size of the deterministic state h_t (GRU) [official code]")
+    stoch_size: int = _f(30, "size of the stochastic state z_t (diagonal Gaussian) [official]")
+    hidden_size: int = _f(200, "width of the RSSM's dense layers [official code]")
+    min_std: float = _f(0.1, "floor on the RSSM's std: σ = softplus(x) + min_std [official]")
+    units: int = _f(400, "width of reward/value/actor layers [official code; paper text: 300]")
+    reward_layers: int = _f(2, "hidden layers of the reward model q(r_t | s_t) [official code]")
+    value_layers: int = _f(3, "hidden layers of the value model v_ψ(s_τ) [official code]")
+    actor_layers: int = _f(4, "hidden layers of the actor q_φ(a_τ | s_τ) [official code]")
+    # World-model loss (Eq. 10) and optimisation.
+    free_nats: float = _f(3.0, "free nats: KL term is max(mean KL, free_nats) [official code]")
+    kl_scale: float = _f(1.0, "β: weight of the KL term J_D in Eq. 10")
+    model_lr: float = _f(6e-4, "Adam learning rate of the world model θ (paper Sec. 6)")
+    actor_lr: float = _f(8e-5, "Adam learning rate of the actor φ (paper Sec. 6)")
+    value_lr: float = _f(8e-5, "Adam learning rate of the value model ψ (paper Sec. 6)")
+    adam_eps: float = _f(1e-7, "Adam ε (TF2 Keras default, used by the official TF2 code)")
+    grad_clip: float = _f(100.0, "clip each optimiser's gradients to this global norm (paper)")
+    # Behaviour learning (Sec. 3).
+    horizon: int = _f(15, "H: imagination horizon (paper Sec. 6)")
+    discount: float = _f(0.99, "γ: discount of imagined rewards (paper Sec. 6)")
+    lam: float = _f(0.95, "λ: mixes the k-step returns of Eq. 6 (paper Sec. 6)")
+    actor_mean_scale: float = _f(5.0, "mean = s·tanh(μ/s) bounds the actor's mean [official]")
+    actor_init_std: float = _f(5.0, "actor std at initialisation [official code]")
+    actor_min_std: float = _f(1e-4, "floor on the actor's std [official code]")
+    expl_noise: float = _f(0.3, "std of Gaussian noise added to actions while collecting (paper)")
+    # Evaluation, checkpoints, seeding.
+    eval_every: int = _f(10_000, "env steps between evaluations [official code]")
+    eval_episodes: int = _f(1, "episodes per evaluation, policy mode, no noise [official code]")
+    checkpoint_every: int = _f(10_000, "env steps between checkpoints (ours)")
+    seed: int = _f(0, "seeds Python, numpy, torch, the replay sampler and the environment")
+
+
+# Named presets. "paper" is the default; anything smaller is a separate, named choice.
+PRESETS = {
+    "paper": {},
+    # A smoke configuration: tiny networks and few steps, so that a whole run (collection,
+    # training, evaluation, checkpoint) finishes in under 2 minutes on 2 CPU cores. It checks
+    # that the machinery works; it is far too small and short to learn a task.
+    "tiny": dict(steps=3000, seed_episodes=1, train_steps=5, batch_size=8, batch_length=16,
+                 cnn_depth=4, deter_size=32, stoch_size=8, hidden_size=32, units=32,
+                 horizon=5, eval_every=2000, checkpoint_every=2000),
+}
+# Fields a resumed run may change; any other difference means a different experiment.
+RESUMABLE_FIELDS = {"steps", "eval_every", "eval_episodes", "checkpoint_every"}
+
+
+def validate(cfg):
+    """Raise UserError for values that cannot work, so that a run never starts with them."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in ("seed",):
+            continue
+        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std"):
+            if v < 0:
+                raise UserError(f"--{f.name} must be ≥ 0, got {v}")
+        elif v <= 0:
+            raise UserError(f"--{f.name} must be > 0, got {v}")
+    if cfg.discount > 1 or cfg.lam > 1:
+        raise UserError(f"--discount and --lam must be ≤ 1, got {cfg.discount} and {cfg.lam}")
+    if cfg.batch_length > cfg.time_limit // cfg.action_repeat + 1:
+        raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode "
+                        f"({cfg.time_limit // cfg.action_repeat + 1} rows)")
+
+
+# ============================================================================================
+# Small building blocks
+# ============================================================================================
+
+def mlp(inp, units, layers, out):
+    """`layers` dense layers of `units` with ELU, then a linear output (all heads, official)."""
+    mods = []
+    for _ in range(layers):
+        mods += [nn.Linear(inp, units), nn.ELU()]
+        inp = units
+    return nn.Sequential(*mods, nn.Linear(inp, out))
+
+
+def init_like_keras(module):
+    """[official code] Keras defaults: Glorot-uniform kernels, zero biases, orthogonal GRU
+    recurrent kernel. PyTorch's own defaults differ in scale; we match the reference."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GRUCell):
+            nn.init.xavier_uniform_(m.weight_ih)
+            nn.init.orthogonal_(m.weight_hh)
+            nn.init.zeros_(m.bias_ih)
+            nn.init.zeros_(m.bias_hh)
+
+
+def gaussian_log_likelihood(mean, x):
+    """ln N(x; mean, 1) per element, dropping the constant −½·ln 2π (it carries no gradient;
+    without it the image term reads as −½·squared error summed over pixels)."""
+    return -0.5 * (x - mean) ** 2
+
+
+def kl_gaussian(mean_q, std_q, mean_p, std_p):
+    """KL(q ‖ p) of diagonal Gaussians, per dimension:
+    ln(σ_p/σ_q) + (σ_q² + (μ_q − μ_p)²) / (2σ_p²) − ½."""
+    return (torch.log(std_p / std_q)
+            + (std_q ** 2 + (mean_q - mean_p) ** 2) / (2 * std_p ** 2) - 0.5)
+
+
+def preprocess(obs):
+    """uint8 pixels in [0, 255] → float in [−½, ½] [official code]."""
+    return obs.float() / 255.0 - 0.5
+
+
+# ============================================================================================
+# World model, part 1: the encoder (Sec. 4, "representation model" input; Appendix A)
+# ============================================================================================
+
+class Encoder(nn.Module):
+    """Four convolutions (kernel 4, stride 2, valid padding, ReLU): 64→31→14→6→2 pixels,
+    channels d·(1, 2, 4, 8), flattened to an embedding of 32·d = 1024 features at d = 32."""
+
+    def __init__(self, depth):
+        super().__init__()
+        d = depth
+        self.convs = nn.ModuleList([nn.Conv2d(3, d, 4, 2), nn.Conv2d(d, 2 * d, 4, 2),
+                                    nn.Conv2d(2 * d, 4 * d, 4, 2), nn.Conv2d(4 * d, 8 * d, 4, 2)])
+        self.embed_size = 32 * d  # 8d channels × 2 × 2 pixels
+
+    def forward(self, obs):
+        # obs: [..., 3, 64, 64] floats → embed: [..., 32·d]
+        lead = obs.shape[:-3]
+        x = obs.reshape(-1, *obs.shape[-3:])            # [N, 3, 64, 64]
+        for conv in self.convs:
+            x = F.relu(conv(x))                         # [N, 8d, 2, 2] after the last one
+        return x.reshape(*lead, self.embed_size)        # [..., 32·d]
+
+
+# ============================================================================================
+# World model, part 2: the recurrent state-space model, RSSM (Eq. 1; PlaNet, Sec. 4)
+# ============================================================================================
+
+class RSSM(nn.Module):
+    """The model state s_t = (z_t, h_t) has a deterministic part h_t (a GRU's memory) and a
+    stochastic part z_t (a diagonal Gaussian sample). Eq. 1 names three models; two live here:
+
+        transition      q(s_t | s_{t−1}, a_{t−1}):  h_t = GRU(h_{t−1}, [z_{t−1}, a_{t−1}]),
+                                                    z_t ~ N(μ(h_t), σ(h_t))            (prior)
+        representation  p(s_t | s_{t−1}, a_{t−1}, o_t): same h_t,
+                                                    z_t ~ N(μ(h_t, e_t), σ(h_t, e_t))  (posterior)
+
+    (The paper writes p for representation and q for transition; e_t = encoder(o_t).) The prior
+    and posterior share h_t [official code]. σ = softplus(x) + min_std [official code]."""
+
+    def __init__(self, cfg, action_dim, embed_size):
+        super().__init__()
+        Z, D, Hd = cfg.stoch_size, cfg.deter_size, cfg.hidden_size
+        self.stoch_size, self.deter_size, self.min_std = Z, D, cfg.min_std
+        self.img_in = nn.Linear(Z + action_dim, Hd)    # [z_{t−1}, a_{t−1}] → GRU input
+        self.gru = nn.GRUCell(Hd, D)                   # h_{t−1} → h_t
+        self.img_hidden = nn.Linear(D, Hd)             # h_t → prior hidden
+        self.img_out = nn.Linear(Hd, 2 * Z)            # → prior (μ, σ)
+        self.obs_hidden = nn.Linear(D + embed_size, Hd)  # [h_t, e_t] → posterior hidden
+        self.obs_out = nn.Linear(Hd, 2 * Z)            # → posterior (μ, σ)
+
+    def initial(self, batch, device):
+        """s_0: zero stochastic and deterministic state [official code]."""
+        return (torch.zeros(batch, self.stoch_size, device=device),
+                torch.zeros(batch, self.deter_size, device=device))
+
+    def _gaussian(self, x):
+        mean, std = x.chunk(2, -1)
+        return mean, F.softplus(std) + self.min_std
+
+    def prior(self, z, h, action):
+        """(Eq. 1) transition q(s_t | s_{t−1}, a_{t−1}). z [N, Z], h [N, D], action [N, A]
+        → h_t [N, D] and the prior's mean, std [N, Z]."""
+        x = F.elu(self.img_in(torch.cat([z, action], -1)))
+        h = self.gru(x, h)
+        mean, std = self._gaussian(self.img_out(F.elu(self.img_hidden(h))))
+        return h, mean, std
+
+    def posterior(self, h, embed):
+        """(Eq. 1) representation p(s_t | s_{t−1}, a_{t−1}, o_t) given the new h_t [N, D] and
+        the image embedding e_t [N, E] → the posterior's mean, std [N, Z]."""
+        return self._gaussian(self.obs_out(F.elu(self.obs_hidden(torch.cat([h, embed], -1)))))
+
+    def imagine_step(self, z, h, action):
+        """One step of imagination: sample z_t from the prior. Reparameterised, so gradients
+        flow from later states back to the action (needed by Eq. 7)."""
+        h, mean, std = self.prior(z, h, action)
+        return mean + std * torch.randn_like(std), h
+
+    def observe(self, embed, action, state=None):
+        """Filter a batch of sequences with the posterior.
+        embed [B, L, E], action [B, L, A] (row t holds a_{t−1}) → dict of [B, L, ...] tensors:
+        z, h (posterior samples and deterministic states), post/prior mean and std."""
+        B, L = embed.shape[:2]
+        z, h = state if state is not None else self.initial(B, embed.device)
+        out = {k: [] for k in ("z", "h", "post_mean", "post_std", "prior_mean", "prior_std")}
+        for t in range(L):                                          # sequential scan over time
+            h, prior_mean, prior_std = self.prior(z, h, action[:, t])
+            post_mean, post_std = self.posterior(h, embed[:, t])
+            z = post_mean + post_std * torch.randn_like(post_std)   # z_t ~ posterior
+            for k, v in zip(out, (z, h, post_mean, post_std, prior_mean, prior_std)):
+                out[k].append(v)
+        return {k: torch.stack(v, 1) for k, v in out.items()}       # each [B, L, ·]
+
+
+# ============================================================================================
+# World model, part 3: the decoder, observation model q(o_t | s_t) (Sec. 4, Eq. 10's J_O)
+# ============================================================================================
+
+class Decoder(nn.Module):
+    """Dense to 32·d features, read as a 1×1 image, then four transposed convolutions
+    (kernels 5, 5, 6, 6, stride 2, ReLU between): 1→5→13→30→64 pixels. The output is the mean
+    of a unit-variance Gaussian over pixels [official code]."""
+
+    def __init__(self, depth, feat_size):
+        super().__init__()
+        d = depth
+        self.fc = nn.Linear(feat_size, 32 * d)
+        self.deconvs = nn.ModuleList([
+            nn.ConvTranspose2d(32 * d, 4 * d, 5, 2), nn.ConvTranspose2d(4 * d, 2 * d, 5, 2),
+            nn.ConvTranspose2d(2 * d, d, 6, 2), nn.ConvTranspose2d(d, 3, 6, 2)])
+
+    def forward(self, feat):
+        # feat: [..., F] → mean image [..., 3, 64, 64]
+        lead = feat.shape[:-1]
+        x = self.fc(feat).reshape(-1, self.fc.out_features, 1, 1)   # [N, 32d, 1, 1]
+        for i, deconv in enumerate(self.deconvs):
+            x = deconv(x)
+            if i < len(self.deconvs) - 1:
+                x = F.relu(x)
+        return x.reshape(*lead, 3, 64, 64)
+
+
+# ============================================================================================
+# World model, part 4: the reward model q(r_t | s_t) (Eq. 1), and the assembled world model
+# ============================================================================================
+
+class RewardModel(nn.Module):
+    """(Eq. 1) reward model q(r_t | s_t) = N(mean(s_t), 1): 2 × 400 ELU → 1 [official code]."""
+
+    def __init__(self, cfg, feat_size):
+        super().__init__()
+        self.net = mlp(feat_size, cfg.units, cfg.reward_layers, 1)
+
+    def forward(self, feat):
+        return self.net(feat).squeeze(-1)               # [...] mean reward
+
+
+class WorldModel(nn.Module):
+    """θ: encoder, RSSM, decoder and reward model, trained together by Eq. 10."""
+
+    def __init__(self, cfg, action_dim):
+        super().__init__()
+        self.encoder = Encoder(cfg.cnn_depth)
+        self.rssm = RSSM(cfg, action_dim, self.encoder.embed_size)
+        self.feat_size = cfg.stoch_size + cfg.deter_size   # s_t = cat(z_t, h_t)
+        self.decoder = Decoder(cfg.cnn_depth, self.feat_size)
+        self.reward = RewardModel(cfg, self.feat_size)
+        init_like_keras(self)
+
+
+# ============================================================================================
+# Behaviour, part 1: the action model (actor) q_φ(a_τ | s_τ) (Eq. 2, Eq. 3)
+# ============================================================================================
+
+class Actor(nn.Module):
+    """(Eq. 3) a_τ = tanh(μ_φ(s_τ) + σ_φ(s_τ)·ε), ε ~ N(0, I): a tanh-squashed Gaussian,
+    sampled with the reparameterisation trick so that ∂a/∂φ exists. 4 × 400 ELU layers.
+    [official code] mean = 5·tanh(μ/5) and σ = softplus(x + softplus⁻¹(5)) + 10⁻⁴, so that
+    σ ≈ 5 at initialisation: wide, exploratory actions early on."""
+
+    def __init__(self, cfg, action_dim):
+        super().__init__()
+        self.net = mlp(cfg.stoch_size + cfg.deter_size, cfg.units, cfg.actor_layers,
+                       2 * action_dim)
+        self.mean_scale, self.min_std = cfg.actor_mean_scale, cfg.actor_min_std
+        self.raw_init_std = math.log(math.exp(cfg.actor_init_std) - 1)   # softplus⁻¹(init std)
+        init_like_keras(self)
+
+    def dist_params(self, feat):
+        """feat [..., F] → pre-tanh Gaussian mean and std, each [..., A]."""
+        mean, std = self.net(feat).chunk(2, -1)
+        mean = self.mean_scale * torch.tanh(mean / self.mean_scale)
+        std = F.softplus(std + self.raw_init_std) + self.min_std
+        return mean, std
+
+    def forward(self, feat, sample=True):
+        """Return (action, log q_φ(action | s)); sample=False gives tanh(μ), the policy mode
+        used for evaluation (the official code estimates the mode from 100 samples)."""
+        mean, std = self.dist_params(feat)
+        u = mean + std * torch.randn_like(std) if sample else mean   # (Eq. 3) pre-tanh sample
+        action = torch.tanh(u)
+        # log-density of the squashed sample: ln N(u; μ, σ) − Σ ln(1 − tanh²u), where
+        # ln(1 − tanh²u) = 2·(ln 2 − u − softplus(−2u)) is the numerically stable form.
+        normal = -0.5 * ((u - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
+        return action, (normal - log_det).sum(-1)
+
+
+# ============================================================================================
+# Behaviour, part 2: the value model v_ψ(s_τ) (Eq. 2)
+# ============================================================================================
+
+class ValueModel(nn.Module):
+    """(Eq. 2) v_ψ(s_τ) ≈ E[Σ_{τ'=τ}^{t+H} γ^{τ'−τ} r_τ']: 3 × 400 ELU → 1 [official code].
+    No target network (the final paper version has none)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.net = mlp(cfg.stoch_size + cfg.deter_size, cfg.units, cfg.value_layers, 1)
+        init_like_keras(self)
+
+    def forward(self, feat):
+        return self.net(feat).squeeze(-1)               # [...] value
+
+
+# ============================================================================================
+# Value estimates (Eq. 4–6)
+# ============================================================================================
+# Eq. 4: V_R(s_τ) = E[Σ_{n=τ}^{t+H} r_n]                        (rewards only, an ablation)
+# Eq. 5: V_N^k(s_τ) = E[Σ_{n=τ}^{h−1} γ^{n−τ} r_n + γ^{h−τ} v_ψ(s_h)],  h = min(τ + k, t + H)
+# Eq. 6: V_λ(s_τ) = (1−λ) Σ_{n=1}^{H−1} λ^{n−1} V_N^n(s_τ) + λ^{H−1} V_N^H(s_τ)
+# Eq. 6 equals the backward recursion below, which costs O(H) instead of O(H²); test_dreamer.py
+# checks the two against each other. λ = 1 gives the discounted sum plus bootstrap, λ = 0 the
+# one-step target r_τ + γ·v(s_{τ+1}), γ = 0 the rewards alone.
+
+def lambda_return(reward, value, discount, bootstrap, lam):
+    """(Eq. 6) R_t = r_t + d_t·((1−λ)·v_{t+1} + λ·R_{t+1}),  with v_T = R_T = bootstrap.
+    reward, value, discount: time-major [T, ...]; bootstrap: [...] → returns [T, ...]."""
+    next_value = torch.cat([value[1:], bootstrap[None]], 0)            # v_{t+1}: [T, ...]
+    inputs = reward + discount * (1 - lam) * next_value               # the part without R_{t+1}
+    returns, last = [], bootstrap
+    for t in reversed(range(reward.shape[0])):                          # scan backwards in time
+        last = inputs[t] + discount[t] * lam * last                     # R_t
+        returns.append(last)
+    return torch.stack(returns[::-1], 0)                                # [T, ...]
+
+
+# ============================================================================================
+# Losses (Eq. 10 world model, Eq. 7 actor, Eq. 8 value) and the agent that owns the optimisers
+# ============================================================================================
+
+@contextmanager
+def frozen(*modules):
+    """"The world model is fixed while learning behaviours" (Sec. 3): in PyTorch a loss reaches
+    every parameter it depends on, so we switch their gradients off for the duration."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def world_model_loss(wm, batch, cfg):
+    """(Eq. 10) J_REC = E[Σ_t (J_O^t + J_R^t + J_D^t)], maximised; we minimise its negative.
+    batch: obs uint8 [B, L, 3, 64, 64], action [B, L, A] (a_{t−1}), reward [B, L] (r_t).
+    Returns (loss, metrics, posterior states z [B, L, Z] and h [B, L, D])."""
+    obs = preprocess(batch["obs"])                                  # [B, L, 3, 64, 64]
+    embed = wm.encoder(obs)                                         # [B, L, E]
+    s = wm.rssm.observe(embed, batch["action"])                     # each [B, L, ·]
+    feat = torch.cat([s["z"], s["h"]], -1)                          # s_t: [B, L, Z + D]
+    # J_O = ln q(o_t | s_t), summed over the 3·64·64 pixels, averaged over B and L.
+    image_ll = gaussian_log_likelihood(wm.decoder(feat), obs).sum((-3, -2, -1)).mean()
+    # J_R = ln q(r_t | s_t), averaged over B and L.
+    reward_ll = gaussian_log_likelihood(wm.reward(feat), batch["reward"]).mean()
+    # J_D = −β·KL(p(s_t | s_{t−1}, a_{t−1}, o_t) ‖ q(s_t | s_{t−1}, a_{t−1})): summed over z's
+    # dimensions, averaged over B and L; then free nats [official code]: max(mean KL, 3), so the
+    # KL has no gradient while it is below 3 nats.
+    kl = kl_gaussian(s["post_mean"], s["post_std"], s["prior_mean"], s["prior_std"])
+    kl = kl.sum(-1).mean()
+    kl_loss = torch.clamp(kl, min=cfg.free_nats)
+    loss = cfg.kl_scale * kl_loss - image_ll - reward_ll            # −J_REC
+    prior_ent = (torch.log(s["prior_std"]) + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+    post_ent = (torch.log(s["post_std"]) + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+    metrics = {"model/loss": loss, "model/image_loss": -image_ll,
+               "model/reward_loss": -reward_ll, "model/kl": kl,
+               "model/prior_entropy": prior_ent.mean(), "model/post_entropy": post_ent.mean()}
+    return loss, metrics, s["z"], s["h"]
+
+
+def imagine(wm, actor, z, h, horizon):
+    """Imagine H steps ahead from every start state with the actor in the loop (Sec. 3).
+    z [N, Z], h [N, D] → feats of s_1 … s_H: [H, N, F], and log q_φ(a_τ | s_τ): [H, N].
+    [official code] The actor sees its input state with the gradient stopped; the gradient of
+    Eq. 7 reaches φ through the action a_τ and the imagined transitions that follow it."""
+    feats, log_probs = [], []
+    for _ in range(horizon):
+        action, log_prob = actor(torch.cat([z, h], -1).detach())    # (Eq. 3) a_τ ~ q_φ(a | s_τ)
+        z, h = wm.rssm.imagine_step(z, h, action)                   # s_{τ+1} ~ q(s | s_τ, a_τ)
+        feats.append(torch.cat([z, h], -1))
+        log_probs.append(log_prob)
+    return torch.stack(feats, 0), torch.stack(log_probs, 0)
+
+
+def actor_loss(wm, actor, value_model, z, h, cfg):
+    """(Eq. 7) max_φ E[Σ_{τ=t}^{t+H} V_λ(s_τ)], minimised as its negative.
+    Start states z [N, Z], h [N, D] (posterior states of the batch, gradient stopped).
+    Returns (loss, feats [H, N, F], λ-returns [H−1, N], weights [H−1, 1], metrics)."""
+    feats, log_probs = imagine(wm, actor, z.detach(), h.detach(), cfg.horizon)
+    reward = wm.reward(feats)                                        # mean r(s_τ): [H, N]
+    value = value_model(feats)                                       # v_ψ(s_τ):    [H, N]
+    discount = cfg.discount * torch.ones_like(reward)                # γ (no early ends on DMC)
+    # [official code] returns for s_1 … s_{H−1}; v(s_H) is the bootstrap. [H−1, N]
+    returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], cfg.lam)
+    # [official code] weight step τ by γ^(τ−1) (the cumulative product of discounts, starting
+    # at 1, gradient stopped), and average over steps and starts where Eq. 7 sums. [H−1, 1]
+    weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0)
+    weights = weights.detach()
+    loss = -(weights * returns).mean()
+    metrics = {"actor/loss": loss, "actor/entropy": -log_probs.detach().mean(),
+               "behaviour/imagined_reward": reward.detach().mean(),
+               "behaviour/lambda_return": returns.detach().mean()}
+    return loss, feats, returns, weights, metrics
+
+
+def value_loss(value_model, feats, returns, weights):
+    """(Eq. 8) min_ψ E[Σ_τ ½‖v_ψ(s_τ) − V_λ(s_τ)‖²], with the target V_λ gradient-stopped and
+    the states detached: the value loss trains ψ alone. feats [H, N, F], returns [H−1, N]."""
+    v = value_model(feats[:-1].detach())                             # [H−1, N]
+    target = returns.detach()                                        # sg(V_λ)
+    loss = (weights * 0.5 * (v - target) ** 2).mean()
+    return loss, {"value/loss": loss, "value/mean": v.detach().mean()}
+
+
+class Dreamer:
+    """World model θ, actor φ, value model ψ, and one Adam optimiser each (paper Sec. 6)."""
+
+    def __init__(self, cfg, action_dim, device="cpu"):
+        self.cfg, self.device, self.action_dim = cfg, torch.device(device), action_dim
+        self.world_model = WorldModel(cfg, action_dim).to(self.device)
+        self.actor = Actor(cfg, action_dim).to(self.device)
+        self.value = ValueModel(cfg).to(self.device)
+        adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr, eps=cfg.adam_eps)
+        self.model_opt = adam(self.world_model, cfg.model_lr)
+        self.actor_opt = adam(self.actor, cfg.actor_lr)
+        self.value_opt = adam(self.value, cfg.value_lr)
+
+    def _step(self, loss, module, opt):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
+        opt.step()
+        return norm
+
+    def update_world_model(self, batch):
+        """Algorithm 1, dynamics learning: one Adam step on Eq. 10. → (z, h, metrics)."""
+        loss, metrics, z, h = world_model_loss(self.world_model, batch, self.cfg)
+        metrics["model/grad_norm"] = self._step(loss, self.world_model, self.model_opt)
+        return z.detach(), h.detach(), metrics
+
+    def update_actor(self, z, h):
+        """Algorithm 1, behaviour learning (actor): one Adam step on Eq. 7 from every posterior
+        state, N = B·L starts. World model and value model stay fixed."""
+        z, h = z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1])   # [B·L, ·]
+        with frozen(self.world_model, self.value):
+            loss, feats, returns, weights, metrics = actor_loss(
+                self.world_model, self.actor, self.value, z, h, self.cfg)
+            metrics["actor/grad_norm"] = self._step(loss, self.actor, self.actor_opt)
+        return feats.detach(), returns.detach(), weights, metrics
+
+    def update_value(self, feats, returns, weights):
+        """Algorithm 1, behaviour learning (value): one Adam step on Eq. 8."""
+        loss, metrics = value_loss(self.value, feats, returns, weights)
+        metrics["value/grad_norm"] = self._step(loss, self.value, self.value_opt)
+        return metrics
+
+    def train_step(self, batch):
+        """One update of all three parts, in Algorithm 1's order. → metrics (tensors)."""
+        z, h, metrics = self.update_world_model(batch)
+        feats, returns, weights, actor_metrics = self.update_actor(z, h)
+        metrics.update(actor_metrics)
+        metrics.update(self.update_value(feats, returns, weights))
+        return {k: v.detach() for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def act(self, obs, state, explore):
+        """Algorithm 1, environment interaction: compute s_t ~ p(s_t | s_{t−1}, a_{t−1}, o_t)
+        from the new image, then a_t ~ q_φ(a_t | s_t) (+ exploration noise when exploring).
+        obs uint8 [3, 64, 64]; state = (z, h, previous action) or None at an episode start."""
+        wm = self.world_model
+        if state is None:
+            z, h = wm.rssm.initial(1, self.device)
+            state = (z, h, torch.zeros(1, self.action_dim, device=self.device))
+        z, h, prev_action = state
+        embed = wm.encoder(preprocess(torch.as_tensor(obs, device=self.device)[None]))
+        h, _, _ = wm.rssm.prior(z, h, prev_action)
+        mean, std = wm.rssm.posterior(h, embed)
+        z = mean + std * torch.randn_like(std)
+        action, _ = self.actor(torch.cat([z, h], -1), sample=explore)
+        if explore:   # (paper Sec. 6) a ← clip(a + N(0, 0.3), −1, 1)
+            action = torch.clamp(action + self.cfg.expl_noise * torch.randn_like(action), -1, 1)
+        return action[0].cpu().numpy(), (z, h, action)
+
+    def modules(self):
+        return {"world_model": self.world_model, "actor": self.actor, "value": self.value}
+
+    def optimisers(self):
+        return {"model_opt": self.model_opt, "actor_opt": self.actor_opt,
+                "value_opt": self.value_opt}
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ============================================================================================
+# Replay buffer: whole episodes, sampled as chunks of L consecutive steps
+# ============================================================================================
+
+def save_atomically(path, write):
+    """Write to a temporary file beside `path`, then rename: a crash or Ctrl-C mid-write leaves
+    the previous file intact, never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ReplayBuffer:
+    """The dataset D of Algorithm 1. An episode is a dict of arrays with one row per time step,
+    row t = (a_{t−1}, r_t, o_t); row 0 has a zero action and zero reward:
+        obs uint8 [T+1, 3, 64, 64], action float32 [T+1, A], reward float32 [T+1].
+    With a directory, each added episode is also written there as NNNNNN.npz (uint8 images)."""
+
+    def __init__(self, directory=None, seed=0):
+        self.directory = Path(directory) if directory is not None else None
+        self.episodes = []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, episode):
+        episode = {k: np.asarray(v) for k, v in episode.items()}
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"{len(self.episodes):06d}.npz"
+            save_atomically(path, lambda f: np.savez_compressed(f, **episode))
+        self.episodes.append(episode)
+
+    def load(self):
+        """Read every episode file of the directory, in order. Raises UserError on a bad one."""
+        if self.directory is None or not self.directory.exists():
+            return
+        for path in sorted(self.directory.glob("*.npz")):
+            try:
+                with np.load(path) as data:
+                    episode = {k: data[k] for k in ("obs", "action", "reward")}
+            except Exception as e:
+                raise UserError(f"cannot read episode file {path} ({type(e).__name__}: {e}); "
+                                f"move it out of the way to resume without it") from None
+            self.episodes.append(episode)
+
+    @property
+    def num_steps(self):
+        """Agent steps (transitions) stored: an episode of T+1 rows holds T."""
+        return sum(len(e["reward"]) - 1 for e in self.episodes)
+
+    def sample(self, batch_size, length):
+        """B chunks of L consecutive rows: an episode uniformly at random, then a start uniformly
+        at random [official code]. A chunk never crosses an episode boundary.
+        → dict of arrays obs [B, L, 3, 64, 64] (uint8), action [B, L, A], reward [B, L]."""
+        eligible = [e for e in self.episodes if len(e["reward"]) >= length]
+        if not eligible:
+            raise ValueError(f"no episode in the replay has {length} steps to sample")
+        chunks = []
+        for _ in range(batch_size):
+            episode = eligible[self.rng.integers(len(eligible))]
+            start = self.rng.integers(len(episode["reward"]) - length + 1)
+            chunks.append({k: v[start:start + length] for k, v in episode.items()})
+        return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+
+
+# ============================================================================================
+# Environment: DeepMind Control Suite from pixels
+# ============================================================================================
+
+TASK_ALIASES = {"cup_catch": ("ball_in_cup", "catch")}   # the paper's name for ball_in_cup_catch
+
+
+def all_tasks():
+    """Every valid --env name: 'domain_task' for each DMC suite task, plus the paper's aliases."""
+    from dm_control import suite
+    return sorted({f"{d}_{t}" for d, t in suite.ALL_TASKS} | set(TASK_ALIASES))
+
+
+def parse_task(name):
+    """'reacher_easy' → ('reacher', 'easy'); 'ball_in_cup_catch' → ('ball_in_cup', 'catch').
+    Raises UserError for a malformed or unknown name."""
+    if not re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", name or ""):
+        raise UserError(f"malformed task name {name!r}: expected domain_task in lower case, "
+                        f"e.g. reacher_easy or cheetah_run")
+    if name in TASK_ALIASES:
+        return TASK_ALIASES[name]
+    from dm_control import suite
+    for domain, task in suite.ALL_TASKS:
+        if f"{domain}_{task}" == name:
+            return domain, task
+    raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(all_tasks())}")
+
+
+class DMCEnv:
+    """A DMC task from 64×64 pixels with action repeat and a time limit, counted in env steps.
+    reset() → obs; step(action in [−1, 1]^A) → (obs, reward summed over the repeats, done).
+    obs is uint8 [3, 64, 64]. Reaching the time limit ends the episode but is not terminal:
+    there is no discount to learn on DMC (paper Sec. 6; [official code] 'pcont' off)."""
+
+    def __init__(self, task, action_repeat=2, time_limit=1000, size=64, seed=0):
+        from dm_control import suite
+        domain, name = parse_task(task)
+        self.env = suite.load(domain, name, task_kwargs={"random": seed})
+        self.camera = 2 if domain == "quadruped" else 0     # [official code] camera choice
+        self.action_repeat, self.time_limit, self.size = action_repeat, time_limit, size
+        spec = self.env.action_spec()
+        self.low, self.high = spec.minimum, spec.maximum
+        self.action_dim = spec.shape[0]
+        self.steps = 0
+
+    def render(self):
+        image = self.env.physics.render(self.size, self.size, camera_id=self.camera)
+        return np.ascontiguousarray(image.transpose(2, 0, 1))   # [H, W, 3] → [3, H, W]
+
+    def reset(self):
+        self.env.reset()
+        self.steps = 0
+        return self.render()
+
+    def step(self, action):
+        # Map [−1, 1] to the task's action bounds (all DMC tasks use [−1, 1] already).
+        action = self.low + (np.asarray(action, np.float64) + 1) / 2 * (self.high - self.low)
+        reward, done = 0.0, False
+        for _ in range(self.action_repeat):
+            ts = self.env.step(action)
+            reward += ts.reward or 0.0
+            self.steps += 1
+            done = ts.last() or self.steps >= self.time_limit
+            if done:
+                break
+        return self.render(), reward, done
+
+    @property
+    def random_state(self):
+        return self.env.task.random     # the task's numpy RandomState (initial positions, …)
+
+
+def make_env(task, action_repeat=2, time_limit=1000, seed=0):
+    """The public entry point for environments: see DMCEnv."""
+    return DMCEnv(task, action_repeat=action_repeat, time_limit=time_limit, seed=seed)
+
+
+def run_episode(env, policy):
+    """Play one episode. policy(obs, state) → (action, state). → (episode dict, return)."""
+    obs, state = env.reset(), None
+    rows = {"obs": [obs], "action": [np.zeros(env.action_dim, np.float32)], "reward": [0.0]}
+    done, total = False, 0.0
+    while not done:
+        action, state = policy(obs, state)
+        obs, reward, done = env.step(action)
+        rows["obs"].append(obs)                        # row t: o_t …
+        rows["action"].append(np.asarray(action, np.float32))   # … a_{t−1} that led to it …
+        rows["reward"].append(reward)                  # … and r_t received with it
+        total += reward
+    episode = {"obs": np.stack(rows["obs"]).astype(np.uint8),
+               "action": np.stack(rows["action"]).astype(np.float32),
+               "reward": np.asarray(rows["reward"], np.float32)}
+    return episode, total
+
+
+# ============================================================================================
+# Training loop (Algorithm 1): dynamics learning, behaviour learning, environment interaction
+# ============================================================================================
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Trainer:
+    """Holds a run's state: agent, replay, environments, counters, logdir; implements Algorithm 1
+    with checkpoints so that the same command resumes where a run stopped."""
+
+    def __init__(self, cfg, task, logdir, device):
+        self.cfg, self.task, self.logdir = cfg, task, Path(logdir)
+        self.checkpoint_path = self.logdir / "checkpoint.pt"
+        self.check_logdir()
+        seed_everything(cfg.seed)
+        self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed)
+        # A separate environment for evaluation, so evaluating leaves training's RNG alone.
+        self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + 10_000)
+        self.agent = Dreamer(cfg, self.env.action_dim, device)
+        self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed)
+        self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
+                         "next_checkpoint": cfg.checkpoint_every}
+        self.last = {"train/return": float("nan"), "eval/return": float("nan")}
+        self.resumed = self.checkpoint_path.exists()
+        if self.resumed:
+            self.load_checkpoint()
+        self.replay.load()
+
+    # -- logdir, config and checkpoints -----------------------------------------------------
+    def check_logdir(self):
+        """A logdir belongs to one experiment: refuse to resume one with another config."""
+        config_path = self.logdir / "config.json"
+        mine = {"task": self.task, **dataclasses.asdict(self.cfg)}
+        if config_path.exists():
+            try:
+                theirs = json.loads(config_path.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read {config_path} ({e})") from None
+            diff = [k for k in mine if k not in RESUMABLE_FIELDS and theirs.get(k) != mine[k]]
+            if diff:
+                k = diff[0]
+                raise UserError(f"{self.logdir} holds a run with {k}={theirs.get(k)!r}, not "
+                                f"{mine[k]!r}; pass the same flags to resume, or another --logdir")
+        elif self.checkpoint_path.exists() or (self.logdir / "episodes").exists():
+            raise UserError(f"{self.logdir} holds a run but no config.json; use another --logdir")
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        save_atomically(config_path, lambda f: f.write(json.dumps(mine, indent=1).encode()))
+
+    def save_checkpoint(self):
+        state = {name: m.state_dict() for name, m in self.agent.modules().items()}
+        state.update({name: o.state_dict() for name, o in self.agent.optimisers().items()})
+        state.update(counters=self.counters, rng=rng_states(), last=self.last,
+                     replay_rng=self.replay.rng.bit_generator.state,
+                     env_rng=self.env.random_state.get_state(),
+                     eval_env_rng=self.eval_env.random_state.get_state())
+        save_atomically(self.checkpoint_path, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self):
+        try:
+            # weights_only=False: the file also holds RNG states; only load your own checkpoints.
+            state = torch.load(self.checkpoint_path, map_location=self.agent.device,
+                               weights_only=False)
+            for name, m in self.agent.modules().items():
+                m.load_state_dict(state[name])
+            for name, o in self.agent.optimisers().items():
+                o.load_state_dict(state[name])
+            self.counters, self.last = state["counters"], state["last"]
+            set_rng_states(state["rng"])
+            self.replay.rng.bit_generator.state = state["replay_rng"]
+            self.env.random_state.set_state(state["env_rng"])
+            self.eval_env.random_state.set_state(state["eval_env_rng"])
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {self.checkpoint_path} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"move it away to start over, or use another --logdir") from None
+
+    def log(self, step, metrics):
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.logdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the three phases of Algorithm 1 ----------------------------------------------------
+    def train_phase(self):
+        """Dynamics learning + behaviour learning: C = train_steps updates on fresh batches."""
+        cfg, metrics, start = self.cfg, [], time.perf_counter()
+        for _ in range(cfg.train_steps):
+            batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
+            batch = {k: torch.as_tensor(v, device=self.agent.device) for k, v in batch.items()}
+            metrics.append(self.agent.train_step(batch))
+            self.counters["updates"] += 1
+        mean = {k: torch.stack([m[k] for m in metrics]).mean().item() for k in metrics[0]}
+        mean["time/updates_per_s"] = cfg.train_steps / (time.perf_counter() - start)
+        return mean
+
+    def collect(self, env, explore, random_actions=False):
+        """Environment interaction: one episode with the policy (or uniform random actions)."""
+        if random_actions:
+            policy = lambda obs, state: (np.random.uniform(-1, 1, env.action_dim), None)
+        else:
+            policy = lambda obs, state: self.agent.act(obs, state, explore)
+        return run_episode(env, policy)
+
+    def evaluate(self):
+        """Mean return of eval_episodes episodes with the policy's mode, no exploration noise."""
+        returns = [self.collect(self.eval_env, explore=False)[1]
+                   for _ in range(self.cfg.eval_episodes)]
+        return float(np.mean(returns))
+
+    def env_steps(self):
+        return self.replay.num_steps * self.cfg.action_repeat
+
+    def run(self):
+        cfg, c = self.cfg, self.counters
+        steps = self.env_steps()
+        if steps >= cfg.steps:
+            print(f"{self.logdir} is already at {steps} env steps ≥ --steps {cfg.steps}; "
+                  f"nothing to do (pass a larger --steps to continue)", flush=True)
+            return 0
+        if self.resumed:
+            print(f"resuming from {self.checkpoint_path}: {steps} env steps, "
+                  f"{len(self.replay.episodes)} episodes, {c['updates']} updates", flush=True)
+        t0, steps0, train_metrics = time.perf_counter(), steps, {}
+        try:
+            while steps < cfg.steps:
+                # Algorithm 1, dynamics + behaviour learning: train_steps updates per train_every
+                # env steps, run between episodes (the first after the seed episodes).
+                # After a resume, phases owed for episodes collected since the checkpoint run
+                # here, so the ratio of updates to env steps stays that of the config.
+                while len(self.replay.episodes) >= cfg.seed_episodes and steps >= c["next_train"]:
+                    train_metrics = self.train_phase()
+                    self.log(steps, train_metrics)
+                    c["next_train"] += cfg.train_every
+                # Algorithm 1, environment interaction: seed episodes act at random.
+                seeding = len(self.replay.episodes) < cfg.seed_episodes
+                t_env = time.perf_counter()
+                episode, ret = self.collect(self.env, explore=True, random_actions=seeding)
+                self.replay.add(episode)
+                if seeding and len(self.replay.episodes) == cfg.seed_episodes:
+                    c["next_train"] = self.env_steps()   # the first phase follows the seeding
+                new_steps = self.env_steps() - steps
+                steps = self.env_steps()
+                self.last["train/return"] = ret
+                record = {"train/return": ret, "train/length": new_steps,
+                          "time/env_steps_per_s": new_steps / (time.perf_counter() - t_env)}
+                if steps >= c["next_eval"] or steps >= cfg.steps:
+                    self.last["eval/return"] = record["eval/return"] = self.evaluate()
+                    while c["next_eval"] <= steps:
+                        c["next_eval"] += cfg.eval_every
+                self.log(steps, record)
+                if steps >= c["next_checkpoint"]:
+                    self.save_checkpoint()
+                    while c["next_checkpoint"] <= steps:
+                        c["next_checkpoint"] += cfg.checkpoint_every
+                self.progress(steps, steps0, t0, record, train_metrics)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the save
+            self.save_checkpoint()
+            print(f"\ninterrupted at {steps} env steps; checkpoint saved to "
+                  f"{self.checkpoint_path}. Run the same command to resume "
+                  f"(an unfinished episode is dropped).", file=sys.stderr, flush=True)
+            return 130
+        self.save_checkpoint()
+        print(f"done: {steps} env steps, {c['updates']} updates, "
+              f"last eval return {self.last['eval/return']:.1f}; logdir {self.logdir}",
+              flush=True)
+        return 0
+
+    def progress(self, steps, steps0, t0, record, train):
+        """One line per episode: where the run is, what it returns, what it learns, how fast."""
+        elapsed = time.perf_counter() - t0
+        rate = (steps - steps0) / max(elapsed, 1e-9)
+        eta = (self.cfg.steps - steps) / max(rate, 1e-9)
+        line = (f"step {steps:>8} | ep {len(self.replay.episodes):>4} | "
+                f"train {self.last['train/return']:7.1f} | eval {self.last['eval/return']:7.1f}")
+        if train:
+            line += (f" | model {train['model/loss']:8.1f} kl {train['model/kl']:5.2f} | "
+                     f"actor {train['actor/loss']:7.2f} value {train['value/loss']:7.3f} | "
+                     f"{train['time/updates_per_s']:5.2f} upd/s")
+        line += f" | {record['time/env_steps_per_s']:4.0f} env/s | ETA {fmt_time(eta)}"
+        print(line, flush=True)
+
+
+# ============================================================================================
+# main(): command line
+# ============================================================================================
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one clear line instead of usage + message
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = _Parser(description="Dreamer (Hafner et al., ICLR 2020) on DeepMind Control from pixels.")
+    p.add_argument("--env", default="reacher_easy",
+                   help="DMC task as domain_task, e.g. reacher_easy or cup_catch "
+                        "(default: %(default)s)")
+    p.add_argument("--preset", default="paper",
+                   help=f"named configuration: {', '.join(PRESETS)} (default: %(default)s); "
+                        f"flags below override it")
+    p.add_argument("--logdir", default=None, help="run folder (default: runs/ENV-PRESET-sSEED)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    for f in dataclasses.fields(Config):
+        # default=None so we can tell a flag the user gave from one the preset should set.
+        p.add_argument(f"--{f.name}", type=f.type,
+                       default=None, help=f"{f.metadata['help']} [paper: {f.default}]")
+    return p
+
+
+def parse_args(argv=None):
+    """→ (cfg, args). Preset first, then explicit flags; raises UserError on bad input."""
+    args = build_parser().parse_args(argv)
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[args.preset])
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                   if getattr(args, f.name) is not None})
+    cfg = Config(**values)
+    validate(cfg)
+    parse_task(args.env)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} asked for, but torch sees no CUDA device")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"unknown --device {args.device!r}: use cpu or cuda")
+    if args.logdir is None:
+        args.logdir = os.path.join("runs", f"{args.env}-{args.preset}-s{cfg.seed}")
+    return cfg, args
+
+
+def main(argv=None):
+    """Train (or resume) a run. Returns the exit status: 0 done, 2 bad input, 130 interrupted."""
+    try:
+        cfg, args = parse_args(argv)
+        trainer = Trainer(cfg, args.env, args.logdir, args.device)
+    except UserError as e:
+        print(f"dreamer.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started; nothing was written", file=sys.stderr)
+        return 130
+    agent = trainer.agent
+    counts = {"encoder": agent.world_model.encoder, "rssm": agent.world_model.rssm,
+              "decoder": agent.world_model.decoder, "reward": agent.world_model.reward,
+              "world model": agent.world_model, "actor": agent.actor, "value": agent.value}
+    print(f"Dreamer on {args.env} | preset {args.preset} | device {args.device} "
+          f"({torch.get_num_threads()} threads) | logdir {args.logdir}")
+    print("parameters: " + " · ".join(f"{k} {count_parameters(m):,}" for k, m in counts.items()),
+          flush=True)
+    try:
+        return trainer.run()
+    except UserError as e:
+        print(f"dreamer.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
