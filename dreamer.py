@@ -474,9 +474,11 @@ def imagine(wm, actor, z, h, horizon):
 
 def actor_loss(wm, actor, value_model, z, h, cfg):
     """(Eq. 7) max_φ E[Σ_{τ=t}^{t+H} V_λ(s_τ)], minimised as its negative.
-    Start states z [N, Z], h [N, D] (posterior states of the batch, gradient stopped).
+    Start states: every posterior state of the batch, z [..., Z], h [..., D] (e.g. [B, L, ·]),
+    flattened to N = B·L starts with the gradient stopped [official code].
     Returns (loss, feats [H, N, F], λ-returns [H−1, N], weights [H−1, 1], metrics)."""
-    feats, log_probs = imagine(wm, actor, z.detach(), h.detach(), cfg.horizon)
+    z, h = z.detach().reshape(-1, z.shape[-1]), h.detach().reshape(-1, h.shape[-1])  # [N, ·]
+    feats, log_probs = imagine(wm, actor, z, h, cfg.horizon)
     reward = wm.reward(feats)                                        # mean r(s_τ): [H, N]
     value = value_model(feats)                                       # v_ψ(s_τ):    [H, N]
     discount = cfg.discount * torch.ones_like(reward)                # γ (no early ends on DMC)
@@ -531,7 +533,6 @@ class Dreamer:
     def update_actor(self, z, h):
         """Algorithm 1, behaviour learning (actor): one Adam step on Eq. 7 from every posterior
         state, N = B·L starts. World model and value model stay fixed."""
-        z, h = z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1])   # [B·L, ·]
         with frozen(self.world_model, self.value):
             loss, feats, returns, weights, metrics = actor_loss(
                 self.world_model, self.actor, self.value, z, h, self.cfg)
@@ -779,6 +780,24 @@ def fmt_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class StopFlag:
+    """Ctrl-C (SIGINT) sets a flag that the loop checks between env steps and between updates,
+    so the interrupt never lands inside MuJoCo's or torch's internals; a second Ctrl-C stops at
+    once. check() raises KeyboardInterrupt once a stop was asked for."""
+
+    def __init__(self):
+        self.requested = False
+
+    def handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self):
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 class Trainer:
     """Holds a run's state: agent, replay, environments, counters, logdir; implements Algorithm 1
     with checkpoints so that the same command resumes where a run stopped."""
@@ -796,10 +815,15 @@ class Trainer:
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
                          "next_checkpoint": cfg.checkpoint_every}
         self.last = {"train/return": float("nan"), "eval/return": float("nan")}
+        self.stop = StopFlag()
         self.resumed = self.checkpoint_path.exists()
         if self.resumed:
             self.load_checkpoint()
         self.replay.load()
+        # Only now, with everything read back, is anything written to the logdir.
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        config = json.dumps({"task": task, **dataclasses.asdict(cfg)}, indent=1).encode()
+        save_atomically(self.logdir / "config.json", lambda f: f.write(config))
 
     # -- logdir, config and checkpoints -----------------------------------------------------
     def check_logdir(self):
@@ -818,8 +842,6 @@ class Trainer:
                                 f"{mine[k]!r}; pass the same flags to resume, or another --logdir")
         elif self.checkpoint_path.exists() or (self.logdir / "episodes").exists():
             raise UserError(f"{self.logdir} holds a run but no config.json; use another --logdir")
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        save_atomically(config_path, lambda f: f.write(json.dumps(mine, indent=1).encode()))
 
     def save_checkpoint(self):
         state = {name: m.state_dict() for name, m in self.agent.modules().items()}
@@ -859,6 +881,7 @@ class Trainer:
         """Dynamics learning + behaviour learning: C = train_steps updates on fresh batches."""
         cfg, metrics, start = self.cfg, [], time.perf_counter()
         for _ in range(cfg.train_steps):
+            self.stop.check()
             batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
             batch = {k: torch.as_tensor(v, device=self.agent.device) for k, v in batch.items()}
             metrics.append(self.agent.train_step(batch))
@@ -869,10 +892,11 @@ class Trainer:
 
     def collect(self, env, explore, random_actions=False):
         """Environment interaction: one episode with the policy (or uniform random actions)."""
-        if random_actions:
-            policy = lambda obs, state: (np.random.uniform(-1, 1, env.action_dim), None)
-        else:
-            policy = lambda obs, state: self.agent.act(obs, state, explore)
+        def policy(obs, state):
+            self.stop.check()
+            if random_actions:
+                return np.random.uniform(-1, 1, env.action_dim), None
+            return self.agent.act(obs, state, explore)
         return run_episode(env, policy)
 
     def evaluate(self):
@@ -895,6 +919,7 @@ class Trainer:
             print(f"resuming from {self.checkpoint_path}: {steps} env steps, "
                   f"{len(self.replay.episodes)} episodes, {c['updates']} updates", flush=True)
         t0, steps0, train_metrics = time.perf_counter(), steps, {}
+        previous_handler = signal.signal(signal.SIGINT, self.stop.handler)
         try:
             while steps < cfg.steps:
                 # Algorithm 1, dynamics + behaviour learning: train_steps updates per train_every
@@ -923,9 +948,9 @@ class Trainer:
                         c["next_eval"] += cfg.eval_every
                 self.log(steps, record)
                 if steps >= c["next_checkpoint"]:
-                    self.save_checkpoint()
                     while c["next_checkpoint"] <= steps:
                         c["next_checkpoint"] += cfg.checkpoint_every
+                    self.save_checkpoint()
                 self.progress(steps, steps0, t0, record, train_metrics)
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the save
@@ -934,6 +959,8 @@ class Trainer:
                   f"{self.checkpoint_path}. Run the same command to resume "
                   f"(an unfinished episode is dropped).", file=sys.stderr, flush=True)
             return 130
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
         self.save_checkpoint()
         print(f"done: {steps} env steps, {c['updates']} updates, "
               f"last eval return {self.last['eval/return']:.1f}; logdir {self.logdir}",

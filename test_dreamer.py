@@ -1,0 +1,517 @@
+"""The specification of dreamer.py: each test checks one claim of the paper (or of the official
+code) against an independent computation, and each can fail. Run: python -m pytest -q
+
+Most tests use the small `tiny` networks; the parameter-count test builds the paper's sizes.
+The end-to-end tests train on a real dm_control task (reacher_easy) with short episodes.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dreamer as d
+
+HERE = Path(__file__).resolve().parent
+
+
+def tiny_config(**overrides):
+    return d.Config(**{**d.PRESETS["tiny"], **overrides})
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def identical(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fake_batch(cfg, action_dim=2, B=3, L=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randint(0, 256, (B, L, 3, 64, 64), generator=g, dtype=torch.uint8),
+            "action": torch.rand(B, L, action_dim, generator=g) * 2 - 1,
+            "reward": torch.randn(B, L, generator=g)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Value estimates (Eq. 5, Eq. 6)
+# ---------------------------------------------------------------------------------------------
+
+def explicit_lambda_return(r, v, bootstrap, gamma, lam):
+    """Eq. 5 and Eq. 6 written out as sums, in float64 numpy, one start τ at a time.
+    r, v: [T] rewards r(s_τ) and values v(s_τ); v(s_T) = bootstrap."""
+    T = len(r)
+    values = np.append(v, bootstrap)                 # v(s_0) … v(s_T)
+
+    def v_n(tau, k):                                 # (Eq. 5) V_N^k(s_τ), h = min(τ + k, T)
+        h = min(tau + k, T)
+        return sum(gamma ** (n - tau) * r[n] for n in range(tau, h)) + gamma ** (h - tau) * values[h]
+
+    out = []
+    for tau in range(T):
+        H = T - tau                                   # steps left to the end of imagination
+        total = (1 - lam) * sum(lam ** (n - 1) * v_n(tau, n) for n in range(1, H))
+        out.append(total + lam ** (H - 1) * v_n(tau, H))   # (Eq. 6)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (0.9, 0.5), (0.7, 0.0), (0.8, 1.0), (0.0, 0.6)])
+def test_lambda_return_equals_explicit_eq5_eq6_sum(gamma, lam):
+    rng = np.random.default_rng(0)
+    T, N = 9, 4
+    r, v, boot = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=N)
+    got = d.lambda_return(torch.tensor(r), torch.tensor(v), gamma * torch.ones(T, N, dtype=torch.float64),
+                          torch.tensor(boot), lam).numpy()
+    for n in range(N):
+        np.testing.assert_allclose(got[:, n], explicit_lambda_return(r[:, n], v[:, n], boot[n],
+                                                                     gamma, lam), rtol=1e-10)
+
+
+def test_lambda_return_special_cases():
+    rng = np.random.default_rng(1)
+    T = 6
+    r, v, boot = (torch.tensor(x) for x in (rng.normal(size=T), rng.normal(size=T), rng.normal()))
+    g = 0.9 * torch.ones(T, dtype=torch.float64)
+    # λ = 0: one-step target r_t + γ·v_{t+1}.
+    one_step = r + 0.9 * torch.cat([v[1:], boot[None]])
+    torch.testing.assert_close(d.lambda_return(r, v, g, boot, 0.0), one_step)
+    # λ = 1: discounted sum of rewards plus the discounted bootstrap; the values are unused.
+    mc = torch.stack([sum(0.9 ** (n - t) * r[n] for n in range(t, T)) + 0.9 ** (T - t) * boot
+                      for t in range(T)])
+    torch.testing.assert_close(d.lambda_return(r, v, g, boot, 1.0), mc)
+    # γ = 0: the rewards alone.
+    torch.testing.assert_close(d.lambda_return(r, v, 0 * g, boot, 0.95), r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------
+
+def test_parameter_counts_equal_official_implementation():
+    cfg = d.Config()
+    wm, actor, value = d.WorldModel(cfg, 2), d.Actor(cfg, 2), d.ValueModel(cfg)
+    n = d.count_parameters
+    assert n(wm.encoder) == 690_144
+    assert n(wm.decoder) == 3_795_555
+    assert n(wm.reward) == 253_201
+    # hyperparameters.md lists the RSSM as 557,920, but its own world-model total (5,296,020)
+    # implies 557,120 = 6,600 + 241,200 (GRU) + 40,200 + 12,060 + 245,000 + 12,060.
+    assert n(wm.rssm) == 557_120
+    assert n(wm) == 5_296_020
+    assert n(value) == 413_601
+    assert n(actor) == 575_204
+
+
+def test_shapes_through_encoder_rssm_decoder_and_imagination():
+    cfg = tiny_config()
+    wm, actor = d.WorldModel(cfg, 3), d.Actor(cfg, 3)
+    B, L, F = 2, 5, cfg.stoch_size + cfg.deter_size
+    batch = fake_batch(cfg, action_dim=3, B=B, L=L)
+    obs = d.preprocess(batch["obs"])
+    assert obs.min() >= -0.5 and obs.max() <= 0.5
+    embed = wm.encoder(obs)
+    assert embed.shape == (B, L, 32 * cfg.cnn_depth)
+    s = wm.rssm.observe(embed, batch["action"])
+    assert s["z"].shape == (B, L, cfg.stoch_size) and s["h"].shape == (B, L, cfg.deter_size)
+    for k in ("post_mean", "post_std", "prior_mean", "prior_std"):
+        assert s[k].shape == (B, L, cfg.stoch_size)
+        assert (s["post_std"] >= cfg.min_std).all()
+    feat = torch.cat([s["z"], s["h"]], -1)
+    assert wm.decoder(feat).shape == (B, L, 3, 64, 64)
+    assert wm.reward(feat).shape == (B, L)
+    feats, log_probs = d.imagine(wm, actor, s["z"].reshape(-1, cfg.stoch_size),
+                                 s["h"].reshape(-1, cfg.deter_size), cfg.horizon)
+    assert feats.shape == (cfg.horizon, B * L, F) and log_probs.shape == (cfg.horizon, B * L)
+
+
+def test_actor_is_tanh_gaussian_with_init_std_5_and_bounded_mean():
+    cfg = tiny_config()
+    actor = d.Actor(cfg, 2)
+    torch.nn.init.zeros_(actor.net[-1].weight)
+    torch.nn.init.zeros_(actor.net[-1].bias)
+    mean, std = actor.dist_params(torch.randn(7, cfg.stoch_size + cfg.deter_size))
+    torch.testing.assert_close(std, torch.full_like(std, 5.0 + 1e-4))
+    torch.nn.init.constant_(actor.net[-1].bias, 1e3)            # huge raw mean
+    mean, _ = actor.dist_params(torch.randn(7, cfg.stoch_size + cfg.deter_size))
+    assert torch.allclose(mean, torch.full_like(mean, 5.0))     # 5·tanh(μ/5) → 5
+    action, log_prob = actor(torch.randn(1000, cfg.stoch_size + cfg.deter_size))
+    assert action.abs().max() <= 1 and torch.isfinite(log_prob).all()
+
+
+def test_actor_log_prob_matches_torch_transformed_distribution():
+    cfg = tiny_config()
+    actor = d.Actor(cfg, 2).double()
+    # Moderate means and stds (μ = 0.3, −0.4; σ ≈ 1.3), so that atanh(a), which torch's
+    # TanhTransform needs, is accurate; float64 for the same reason.
+    torch.nn.init.zeros_(actor.net[-1].weight)
+    with torch.no_grad():
+        actor.net[-1].bias.copy_(torch.tensor([0.3, -0.4, -4.0, -4.0]))
+    feat = torch.randn(500, cfg.stoch_size + cfg.deter_size, dtype=torch.float64)
+    action, log_prob = actor(feat)
+    mean, std = actor.dist_params(feat)
+    dist = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, std), [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(log_prob, dist.log_prob(action).sum(-1), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# World-model loss (Eq. 10)
+# ---------------------------------------------------------------------------------------------
+
+def test_kl_gaussian_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    mq, mp = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    sq, sp = torch.rand(5, 4, generator=g) + 0.1, torch.rand(5, 4, generator=g) + 0.1
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mq, sq),
+                                            torch.distributions.Normal(mp, sp))
+    torch.testing.assert_close(d.kl_gaussian(mq, sq, mp, sp), ref)
+
+
+def test_kl_term_equals_free_nats_when_posterior_equals_prior():
+    cfg = tiny_config()
+    wm = d.WorldModel(cfg, 2)
+    rssm = wm.rssm
+    # Make the posterior the prior: same mean and std as the transition model gives for h_t.
+    rssm.posterior = lambda h, embed: rssm._gaussian(rssm.img_out(torch.nn.functional.elu(
+        rssm.img_hidden(h))))
+    loss, metrics, _, _ = d.world_model_loss(wm, fake_batch(cfg), cfg)
+    assert metrics["model/kl"].item() == pytest.approx(0.0, abs=1e-6)
+    kl_term = loss - metrics["model/image_loss"] - metrics["model/reward_loss"]
+    assert kl_term.item() == pytest.approx(cfg.free_nats, rel=1e-5)
+
+
+def test_image_and_reward_log_likelihoods():
+    """J_O is summed over the 3·64·64 pixels (not averaged), J_R is per step; both unit-variance
+    Gaussians (constants dropped). Checked with a decoder and reward head that predict zero."""
+    cfg = tiny_config()
+    wm = d.WorldModel(cfg, 2)
+    batch = fake_batch(cfg)
+    B, L = batch["reward"].shape
+    wm.decoder.forward = lambda feat: torch.zeros(*feat.shape[:-1], 3, 64, 64)
+    wm.reward.forward = lambda feat: torch.zeros(feat.shape[:-1])
+    _, metrics, _, _ = d.world_model_loss(wm, batch, cfg)
+    x = batch["obs"].double() / 255 - 0.5
+    normal = torch.distributions.Normal(torch.zeros_like(x), 1.0)
+    expected = -(normal.log_prob(x) + 0.5 * math.log(2 * math.pi)).sum((2, 3, 4)).mean()
+    assert metrics["model/image_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["model/reward_loss"].item() == pytest.approx(
+        (0.5 * batch["reward"] ** 2).mean().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the gradients go (Sec. 3: world model fixed; Eq. 7 through the dynamics; Eq. 8 sg)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def agent_and_start():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    agent = d.Dreamer(cfg, 2)
+    z, h, _ = agent.update_world_model(fake_batch(cfg))
+    return agent, z, h
+
+
+def test_behaviour_update_leaves_world_model_bit_identical(agent_and_start):
+    agent, z, h = agent_and_start
+    wm_before, value_before, actor_before = (snapshot(agent.world_model), snapshot(agent.value),
+                                             snapshot(agent.actor))
+    agent.model_opt.zero_grad(set_to_none=True)
+    feats, returns, weights, _ = agent.update_actor(z, h)
+    assert identical(wm_before, snapshot(agent.world_model))
+    assert identical(value_before, snapshot(agent.value))       # Eq. 7 trains φ alone
+    assert not identical(actor_before, snapshot(agent.actor))   # … and it did train φ
+    assert all(p.grad is None for p in agent.world_model.parameters())   # none accumulated
+    agent.update_value(feats, returns, weights)
+    assert identical(wm_before, snapshot(agent.world_model))
+    assert all(p.requires_grad for p in agent.world_model.parameters())  # unfrozen afterwards
+
+
+def test_value_update_leaves_actor_bit_identical(agent_and_start):
+    agent, z, h = agent_and_start
+    feats, returns, weights, _ = agent.update_actor(z, h)
+    actor_before, value_before = snapshot(agent.actor), snapshot(agent.value)
+    agent.update_value(feats, returns, weights)
+    assert identical(actor_before, snapshot(agent.actor))
+    assert not identical(value_before, snapshot(agent.value))
+
+
+def test_actor_gradient_flows_through_dynamics_and_value_target_carries_none(agent_and_start):
+    agent, z, h = agent_and_start
+    cfg, wm = agent.cfg, agent.world_model
+    loss, feats, returns, weights, _ = d.actor_loss(wm, agent.actor, agent.value, z, h, cfg)
+    # The actor sees its input detached, and Eq. 7 has no term in a_τ itself: a non-zero
+    # gradient can only have come back through the imagined transitions and the heads.
+    grads = torch.autograd.grad(loss, list(agent.actor.parameters()), retain_graph=True)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    # The same gradient, cut at the dynamics' action input, vanishes: the path is the dynamics.
+    step = wm.rssm.imagine_step
+    wm.rssm.imagine_step = lambda z_, h_, a: step(z_, h_, a.detach())
+    cut, *_ = d.actor_loss(wm, agent.actor, agent.value, z, h, cfg)
+    wm.rssm.imagine_step = step
+    assert not cut.requires_grad or all(
+        g is None or g.abs().sum() == 0
+        for g in torch.autograd.grad(cut, list(agent.actor.parameters()), allow_unused=True))
+    # Eq. 8: the target V_λ is gradient-stopped; the value loss reaches ψ only.
+    vloss, _ = d.value_loss(agent.value, feats, returns, weights)
+    others = list(agent.actor.parameters()) + list(wm.parameters())
+    assert all(g is None for g in torch.autograd.grad(vloss, others, allow_unused=True))
+    assert all(g is not None for g in torch.autograd.grad(vloss, list(agent.value.parameters())))
+
+
+def test_actor_and_value_weights_are_cumulative_discounts(agent_and_start):
+    agent, z, h = agent_and_start
+    _, _, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h,
+                                             agent.cfg)
+    H, g = agent.cfg.horizon, agent.cfg.discount
+    assert returns.shape == (H - 1, z.numel() // z.shape[-1])
+    torch.testing.assert_close(weights[:, 0], torch.tensor([g ** k for k in range(H - 1)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer: (a_{t−1}, r_t, o_t) alignment and episode boundaries
+# ---------------------------------------------------------------------------------------------
+
+class CountingEnv:
+    """A fake env whose image encodes (episode, step), whose reward is a function of the
+    action just taken, so that alignment errors are visible."""
+    action_dim = 1
+
+    def __init__(self, episode_id, length):
+        self.id, self.length, self.t = episode_id, length, 0
+
+    def image(self):
+        return np.stack([np.full((64, 64), self.id, np.uint8), np.full((64, 64), self.t, np.uint8),
+                         np.zeros((64, 64), np.uint8)])
+
+    def reset(self):
+        self.t = 0
+        return self.image()
+
+    def step(self, action):
+        self.t += 1
+        return self.image(), 10.0 * float(action[0]) + self.t, self.t >= self.length
+
+
+def test_replay_rows_hold_previous_action_and_reward_received_with_observation(tmp_path):
+    replay = d.ReplayBuffer(tmp_path / "episodes", seed=0)
+    for i, length in enumerate([20, 35, 8]):          # the 8-step episode is too short for L=10
+        policy = lambda obs, state: (np.array([obs[1, 0, 0] / 100.0]), None)   # a_t = t/100
+        episode, ret = d.run_episode(CountingEnv(i, length), policy)
+        assert episode["obs"].shape == (length + 1, 3, 64, 64) and episode["obs"].dtype == np.uint8
+        assert episode["action"][0] == 0 and episode["reward"][0] == 0
+        assert ret == pytest.approx(episode["reward"].sum())
+        replay.add(episode)
+    assert replay.num_steps == 20 + 35 + 8
+    batch = replay.sample(64, 10)
+    assert batch["obs"].shape == (64, 10, 3, 64, 64) and batch["action"].shape == (64, 10, 1)
+    seen = set()
+    for b in range(64):
+        ep, t = batch["obs"][b, :, 0, 0, 0], batch["obs"][b, :, 1, 0, 0].astype(int)
+        assert (ep == ep[0]).all() and ep[0] != 2     # one episode per chunk; never the short one
+        assert (np.diff(t) == 1).all()                # consecutive steps
+        seen.add(int(ep[0]))
+        for k in range(10):
+            if t[k] == 0:                             # first row: zero action, zero reward
+                assert batch["action"][b, k, 0] == 0 and batch["reward"][b, k] == 0
+            else:                                     # row t: a_{t−1} = (t−1)/100, r_t from it
+                assert batch["action"][b, k, 0] == pytest.approx((t[k] - 1) / 100)
+                assert batch["reward"][b, k] == pytest.approx(10 * (t[k] - 1) / 100 + t[k])
+    assert seen == {0, 1}
+    # Episodes were written to disk and read back identically.
+    again = d.ReplayBuffer(tmp_path / "episodes")
+    again.load()
+    assert len(again.episodes) == 3
+    for a, b in zip(replay.episodes, again.episodes):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_save_atomically_keeps_old_file_when_write_fails(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+
+    def broken(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        d.save_atomically(path, broken)
+    assert path.read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and command line
+# ---------------------------------------------------------------------------------------------
+
+def test_task_names():
+    assert d.parse_task("reacher_easy") == ("reacher", "easy")
+    assert d.parse_task("cup_catch") == ("ball_in_cup", "catch")
+    assert d.parse_task("ball_in_cup_catch") == ("ball_in_cup", "catch")
+    assert d.parse_task("cartpole_swingup_sparse") == ("cartpole", "swingup_sparse")
+    paper_tasks = ("acrobot_swingup cartpole_balance cartpole_balance_sparse cartpole_swingup "
+                   "cartpole_swingup_sparse cheetah_run cup_catch finger_spin finger_turn_easy "
+                   "finger_turn_hard hopper_hop hopper_stand pendulum_swingup quadruped_run "
+                   "quadruped_walk reacher_easy reacher_hard walker_run walker_stand walker_walk")
+    for name in paper_tasks.split():
+        d.parse_task(name)
+    for bad in ("reacher", "Reacher-Easy", "reacher_impossible", ""):
+        with pytest.raises(d.UserError):
+            d.parse_task(bad)
+
+
+def test_real_environment_shapes_and_action_repeat():
+    env = d.make_env("reacher_easy", action_repeat=2, time_limit=10, seed=0)
+    obs = env.reset()
+    assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8 and obs.std() > 0
+    dones = [env.step(np.zeros(env.action_dim))[2] for _ in range(5)]
+    assert dones == [False] * 4 + [True] and env.steps == 10   # 5 agent steps × R = 10 env steps
+
+
+def test_flags_cover_every_config_field_and_presets_override():
+    cfg, args = d.parse_args(["--preset", "tiny", "--batch_size", "3", "--lam", "0.5"])
+    assert cfg.batch_size == 3 and cfg.lam == 0.5 and cfg.deter_size == d.PRESETS["tiny"]["deter_size"]
+    assert args.logdir == os.path.join("runs", "reacher_easy-tiny-s0")
+    cfg, _ = d.parse_args([])
+    assert cfg == d.Config()
+    help_text = d.build_parser().format_help()
+    for f in dataclasses.fields(d.Config):
+        assert f"--{f.name}" in help_text
+
+
+BAD_ARGS = [
+    (["--env", "reacher_impossible"], "unknown task"),
+    (["--env", "Reacher-Easy"], "malformed task name"),
+    (["--steps", "-5"], "--steps must be > 0"),
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--batch_size", "many"], "invalid int value"),
+    (["--lam", "1.5"], "must be ≤ 1"),
+    (["--no_such_flag", "1"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_ARGS)
+def test_bad_input_gives_one_clear_line(argv, message, capsys, tmp_path):
+    assert d.main(argv + ["--logdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dreamer.py: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a real dm_control task: train, write, resume, seed, interrupt, refuse bad files
+# ---------------------------------------------------------------------------------------------
+
+# Tiny networks and 100-step episodes (200 env steps) keep each run to seconds.
+E2E = ["--env", "reacher_easy", "--preset", "tiny", "--time_limit", "200", "--train_every", "200",
+       "--eval_every", "400", "--checkpoint_every", "400", "--seed", "3"]
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    return subprocess.run([sys.executable, str(HERE / "dreamer.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def read_metrics(logdir):
+    return [json.loads(line) for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("e2e") / "run"
+    first = run_cli(*E2E, "--steps", "600", "--logdir", str(logdir))
+    return logdir, first, read_metrics(logdir)
+
+
+def test_end_to_end_run_writes_metrics_episodes_checkpoint(trained):
+    logdir, proc, metrics = trained
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters:" in proc.stdout and "device cpu" in proc.stdout
+    assert sorted(p.name for p in (logdir / "episodes").glob("*.npz")) == [
+        "000000.npz", "000001.npz", "000002.npz"]
+    assert (logdir / "checkpoint.pt").exists() and (logdir / "config.json").exists()
+    assert not list(logdir.rglob("*.tmp"))
+    steps = [m["step"] for m in metrics if "train/return" in m]
+    assert steps == [200, 400, 600]
+    losses = [m for m in metrics if "model/loss" in m]
+    assert len(losses) == 2                            # after the seed episode, every 200 steps
+    for key in ("model/image_loss", "model/reward_loss", "model/kl", "actor/loss", "value/loss",
+                "actor/entropy", "model/grad_norm", "actor/grad_norm", "value/grad_norm"):
+        assert all(math.isfinite(m[key]) for m in losses), key
+    assert [m["step"] for m in metrics if "eval/return" in m] == [400, 600]
+    ep = np.load(logdir / "episodes" / "000001.npz")
+    assert ep["obs"].dtype == np.uint8 and ep["obs"].shape == (101, 3, 64, 64)
+    assert np.abs(ep["action"][1:]).max() <= 1 and ep["action"].shape == (101, 2)
+
+
+def test_second_run_resumes_where_the_first_stopped(trained):
+    logdir, _, before = trained
+    proc = run_cli(*E2E, "--steps", "1000", "--logdir", str(logdir))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stdout and "600 env steps" in proc.stdout
+    after = read_metrics(logdir)
+    assert after[:len(before)] == before                # appended, nothing rewritten
+    new_steps = [m["step"] for m in after[len(before):] if "train/return" in m]
+    assert new_steps == [800, 1000]
+    assert len(list((logdir / "episodes").glob("*.npz"))) == 5
+    # Same command again: nothing left to do, nothing changes.
+    again = run_cli(*E2E, "--steps", "1000", "--logdir", str(logdir))
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert read_metrics(logdir) == after
+
+
+def test_same_seed_gives_same_first_losses(trained, tmp_path):
+    _, _, metrics = trained
+    proc = run_cli(*E2E, "--steps", "400", "--logdir", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    first = lambda ms: next(m for m in ms if "model/loss" in m)
+    a, b = first(metrics), first(read_metrics(tmp_path / "again"))
+    for key in ("model/loss", "model/kl", "actor/loss", "value/loss"):
+        assert a[key] == b[key], key
+    assert [m.get("train/return") for m in metrics[:2]] == \
+        [m.get("train/return") for m in read_metrics(tmp_path / "again")[:2]]
+
+
+def test_corrupt_checkpoint_and_episode_give_clear_error_and_destroy_nothing(trained, tmp_path):
+    logdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(trained[0]), str(logdir)], check=True)
+    (logdir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
+    proc = run_cli(*E2E, "--steps", "2000", "--logdir", str(logdir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("dreamer.py: error: cannot read checkpoint")
+    assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == before
+    # A damaged episode file, with a readable checkpoint.
+    subprocess.run(["cp", str(trained[0] / "checkpoint.pt"), str(logdir)], check=True)
+    (logdir / "episodes" / "000001.npz").write_bytes(b"garbage")
+    assert d.main([*E2E, "--steps", "2000", "--logdir", str(logdir)]) == 2
+    # A different configuration on the same logdir is refused, not mixed in.
+    assert d.main([*E2E, "--steps", "2000", "--batch_size", "4", "--logdir", str(logdir)]) == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    logdir = tmp_path / "run"
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    proc = subprocess.Popen([sys.executable, str(HERE / "dreamer.py"), *E2E, "--steps", "100000",
+                             "--logdir", str(logdir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (logdir / "episodes" / "000001.npz").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "checkpoint saved" in err
+    assert (logdir / "checkpoint.pt").exists()
+    resumed = run_cli(*E2E, "--steps", "800", "--logdir", str(logdir))
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
