@@ -101,7 +101,7 @@ class Config:
     actor_min_std: float = _f(1e-4, "floor on the actor's std [official code]")
     expl_noise: float = _f(0.3, "std of Gaussian noise added to actions while collecting (paper)")
     # Evaluation, checkpoints, seeding.
-    eval_every: int = _f(10_000, "env steps between evaluations [official code]")
+    eval_every: int = _f(10_000, "env steps between evaluations (10k, 20k, …; official: 10k apart)")
     eval_episodes: int = _f(1, "episodes per evaluation, policy mode, no noise [official code]")
     checkpoint_every: int = _f(10_000, "env steps between checkpoints (ours)")
     seed: int = _f(0, "seeds Python, numpy, torch, the replay sampler and the environment")
@@ -216,7 +216,7 @@ class RSSM(nn.Module):
     """The model state s_t = (z_t, h_t) has a deterministic part h_t (a GRU's memory) and a
     stochastic part z_t (a diagonal Gaussian sample). Eq. 1 names three models; two live here:
 
-        transition      q(s_t | s_{t−1}, a_{t−1}):  h_t = GRU(h_{t−1}, [z_{t−1}, a_{t−1}]),
+        transition      q(s_t | s_{t−1}, a_{t−1}):  h_t = GRU(h_{t−1}, ELU(W·[z_{t−1}, a_{t−1}])),
                                                     z_t ~ N(μ(h_t), σ(h_t))            (prior)
         representation  p(s_t | s_{t−1}, a_{t−1}, o_t): same h_t,
                                                     z_t ~ N(μ(h_t, e_t), σ(h_t, e_t))  (posterior)
@@ -460,7 +460,8 @@ def world_model_loss(wm, batch, cfg):
 
 def imagine(wm, actor, z, h, horizon):
     """Imagine H steps ahead from every start state with the actor in the loop (Sec. 3).
-    z [N, Z], h [N, D] → feats of s_1 … s_H: [H, N, F], and log q_φ(a_τ | s_τ): [H, N].
+    z [N, Z], h [N, D] → feats of s_1 … s_H: [H, N, F], and the log-densities of the actions
+    a_0 … a_{H−1} that led there, log q_φ(a_τ | s_τ): [H, N] (one step behind the feats).
     [official code] The actor sees its input state with the gradient stopped; the gradient of
     Eq. 7 reaches φ through the action a_τ and the imagined transitions that follow it."""
     feats, log_probs = [], []
@@ -476,7 +477,7 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     """(Eq. 7) max_φ E[Σ_{τ=t}^{t+H} V_λ(s_τ)], minimised as its negative.
     Start states: every posterior state of the batch, z [..., Z], h [..., D] (e.g. [B, L, ·]),
     flattened to N = B·L starts with the gradient stopped [official code].
-    Returns (loss, feats [H, N, F], λ-returns [H−1, N], weights [H−1, 1], metrics)."""
+    Returns (loss, feats [H, N, F], λ-returns [H−1, N], weights [H−1, N], metrics)."""
     z, h = z.detach().reshape(-1, z.shape[-1]), h.detach().reshape(-1, h.shape[-1])  # [N, ·]
     feats, log_probs = imagine(wm, actor, z, h, cfg.horizon)
     reward = wm.reward(feats)                                        # mean r(s_τ): [H, N]
@@ -485,7 +486,7 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     # [official code] returns for s_1 … s_{H−1}; v(s_H) is the bootstrap. [H−1, N]
     returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], cfg.lam)
     # [official code] weight step τ by γ^(τ−1) (the cumulative product of discounts, starting
-    # at 1, gradient stopped), and average over steps and starts where Eq. 7 sums. [H−1, 1]
+    # at 1, gradient stopped), and average over steps and starts where Eq. 7 sums. [H−1, N]
     weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0)
     weights = weights.detach()
     loss = -(weights * returns).mean()
@@ -517,17 +518,27 @@ class Dreamer:
         self.actor_opt = adam(self.actor, cfg.actor_lr)
         self.value_opt = adam(self.value, cfg.value_lr)
 
-    def _step(self, loss, module, opt):
+    def _backward(self, loss, opt):
         opt.zero_grad(set_to_none=True)
         loss.backward()
+
+    def _apply(self, module, opt):
+        """Clip the gradients to global norm grad_clip (paper Sec. 6), then one Adam step."""
         norm = nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
         opt.step()
         return norm
 
-    def update_world_model(self, batch):
-        """Algorithm 1, dynamics learning: one Adam step on Eq. 10. → (z, h, metrics)."""
+    def _step(self, loss, module, opt):
+        self._backward(loss, opt)
+        return self._apply(module, opt)
+
+    def update_world_model(self, batch, step=True):
+        """Algorithm 1, dynamics learning: gradients of Eq. 10, and (if step) one Adam step.
+        → posterior states z [B, L, Z], h [B, L, D] (detached) and metrics."""
         loss, metrics, z, h = world_model_loss(self.world_model, batch, self.cfg)
-        metrics["model/grad_norm"] = self._step(loss, self.world_model, self.model_opt)
+        self._backward(loss, self.model_opt)
+        if step:
+            metrics["model/grad_norm"] = self._apply(self.world_model, self.model_opt)
         return z.detach(), h.detach(), metrics
 
     def update_actor(self, z, h):
@@ -546,11 +557,15 @@ class Dreamer:
         return metrics
 
     def train_step(self, batch):
-        """One update of all three parts, in Algorithm 1's order. → metrics (tensors)."""
-        z, h, metrics = self.update_world_model(batch)
+        """One update of all three parts, in Algorithm 1's order. → metrics (tensors).
+        [official code] All three losses see the parameters from before this update: the world
+        model's gradients are computed first, but its Adam step comes after imagination, so
+        behaviour is learned in the same model that produced the start states."""
+        z, h, metrics = self.update_world_model(batch, step=False)
         feats, returns, weights, actor_metrics = self.update_actor(z, h)
         metrics.update(actor_metrics)
         metrics.update(self.update_value(feats, returns, weights))
+        metrics["model/grad_norm"] = self._apply(self.world_model, self.model_opt)
         return {k: v.detach() for k, v in metrics.items()}
 
     @torch.no_grad()
@@ -983,6 +998,106 @@ class Trainer:
 
 
 # ============================================================================================
+# Benchmark (python dreamer.py --benchmark): how fast is an update, how fast is collection?
+# ============================================================================================
+
+def peak_memory_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:   # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def benchmark(cfg, task, device, updates=5, collect_steps=300):
+    """Median time of full updates (world model + behaviour) after one warm-up, on replay data
+    of the real shapes (random pixels: the cost does not depend on them), and the collection
+    rate with the policy acting in the real environment. Prints a breakdown, then one JSON line."""
+    seed_everything(cfg.seed)
+    env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed)
+    agent = Dreamer(cfg, env.action_dim, device)
+    rows = cfg.time_limit // cfg.action_repeat + 1
+    rng = np.random.default_rng(cfg.seed)
+    replay = ReplayBuffer(seed=cfg.seed)
+    for _ in range(2):
+        replay.add({"obs": rng.integers(0, 256, (rows, 3, 64, 64), dtype=np.uint8),
+                    "action": rng.uniform(-1, 1, (rows, env.action_dim)).astype(np.float32),
+                    "reward": rng.normal(size=rows).astype(np.float32)})
+
+    def sync():
+        if agent.device.type == "cuda":
+            torch.cuda.synchronize(agent.device)
+
+    def one_update():
+        times = {}
+        t = time.perf_counter()
+        batch = replay.sample(cfg.batch_size, cfg.batch_length)
+        batch = {k: torch.as_tensor(v, device=agent.device) for k, v in batch.items()}
+        sync(); times["sample_s"] = time.perf_counter() - t; t = time.perf_counter()
+        z, h, _ = agent.update_world_model(batch)
+        sync(); times["world_model_s"] = time.perf_counter() - t; t = time.perf_counter()
+        feats, returns, weights, _ = agent.update_actor(z, h)
+        sync(); times["actor_s"] = time.perf_counter() - t; t = time.perf_counter()
+        agent.update_value(feats, returns, weights)
+        sync(); times["value_s"] = time.perf_counter() - t
+        times["behaviour_s"] = times["actor_s"] + times["value_s"]
+        times["update_s"] = times["sample_s"] + times["world_model_s"] + times["behaviour_s"]
+        return times
+
+    print(f"benchmark: {task}, B={cfg.batch_size} L={cfg.batch_length} H={cfg.horizon}, "
+          f"device {agent.device}, {torch.get_num_threads()} threads", flush=True)
+    t = time.perf_counter()
+    one_update()                                             # warm-up: allocations, caches
+    print(f"  warm-up update: {time.perf_counter() - t:.2f} s", flush=True)
+    peak_memory_reset(agent.device)
+    runs = []
+    for i in range(updates):
+        runs.append(one_update())
+        print(f"  update {i + 1}/{updates}: {runs[-1]['update_s']:.2f} s", flush=True)
+    median = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    peak = peak_memory_bytes(agent.device)
+    # Collection: the policy in the loop (encoder + RSSM filter + actor per step) and rendering.
+    obs, state, t = env.reset(), None, time.perf_counter()
+    for _ in range(collect_steps):
+        action, state = agent.act(obs, state, explore=True)
+        obs, _, done = env.step(action)
+        if done:
+            obs, state = env.reset(), None
+    env_steps_per_s = collect_steps * cfg.action_repeat / (time.perf_counter() - t)
+    # Replay memory: one row per agent step, uint8 image + float32 action and reward.
+    row_bytes = 3 * 64 * 64 + 4 * env.action_dim + 4
+    replay_gb = 1e6 / cfg.action_repeat * row_bytes / 1e9
+    for k in ("sample_s", "world_model_s", "actor_s", "value_s", "update_s"):
+        print(f"  median {k:15s} {median[k]:7.3f} s")
+    print(f"  peak memory during updates: {peak / 2**30:.2f} GiB "
+          f"({'GPU allocated' if agent.device.type == 'cuda' else 'process resident'})")
+    print(f"  collection with the policy: {env_steps_per_s:.0f} env steps/s")
+    print(f"  replay RAM per 1e6 env steps: {replay_gb:.2f} GB (uint8 images)")
+    result = {**{k: round(v, 4) for k, v in median.items()},
+              "env_steps_per_s": round(env_steps_per_s, 1), "device": str(agent.device),
+              "threads": torch.get_num_threads(), "precision": "fp32",
+              "peak_memory_bytes": peak, "replay_gb_per_1m_env_steps": round(replay_gb, 3),
+              "batch_size": cfg.batch_size, "batch_length": cfg.batch_length,
+              "horizon": cfg.horizon, "updates_timed": updates}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+# ============================================================================================
 # main(): command line
 # ============================================================================================
 
@@ -1001,6 +1116,8 @@ def build_parser():
                         f"flags below override it")
     p.add_argument("--logdir", default=None, help="run folder (default: runs/ENV-PRESET-sSEED)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time updates and collection at the chosen config, print JSON, exit")
     for f in dataclasses.fields(Config):
         # default=None so we can tell a flag the user gave from one the preset should set.
         p.add_argument(f"--{f.name}", type=f.type,
@@ -1034,6 +1151,9 @@ def main(argv=None):
     """Train (or resume) a run. Returns the exit status: 0 done, 2 bad input, 130 interrupted."""
     try:
         cfg, args = parse_args(argv)
+        if args.benchmark:
+            benchmark(cfg, args.env, args.device)
+            return 0
         trainer = Trainer(cfg, args.env, args.logdir, args.device)
     except UserError as e:
         print(f"dreamer.py: error: {e}", file=sys.stderr)

@@ -268,12 +268,36 @@ def test_actor_gradient_flows_through_dynamics_and_value_target_carries_none(age
     assert all(g is not None for g in torch.autograd.grad(vloss, list(agent.value.parameters())))
 
 
+def test_train_step_imagines_in_the_world_model_from_before_its_step():
+    """[official code] all three losses use the pre-update parameters: the actor after
+    train_step equals an actor trained in the not-yet-stepped world model, not in the stepped one."""
+    import copy
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    base, batch = d.Dreamer(cfg, 2), fake_batch(cfg)
+
+    def actor_after(step_world_model_first):
+        agent = copy.deepcopy(base)
+        torch.manual_seed(1)
+        if step_world_model_first is None:
+            agent.train_step(batch)
+        else:
+            z, h, _ = agent.update_world_model(batch, step=step_world_model_first)
+            agent.update_actor(z, h)
+        return snapshot(agent.actor)
+
+    official = actor_after(None)
+    assert identical(official, actor_after(False))
+    assert not identical(official, actor_after(True))
+
+
 def test_actor_and_value_weights_are_cumulative_discounts(agent_and_start):
     agent, z, h = agent_and_start
     _, _, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h,
                                              agent.cfg)
     H, g = agent.cfg.horizon, agent.cfg.discount
     assert returns.shape == (H - 1, z.numel() // z.shape[-1])
+    assert weights.shape == returns.shape
     torch.testing.assert_close(weights[:, 0], torch.tensor([g ** k for k in range(H - 1)]))
 
 
