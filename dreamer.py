@@ -143,13 +143,59 @@ def validate(cfg):
 # Small building blocks
 # ============================================================================================
 
+# Speed (not part of the algorithm): dense layers through oneDNN on the CPU. On CPUs where the
+# default fp32 matrix product (MKL) is slow, e.g. AMD's (≈200 GFLOP/s on 2 cores here), oneDNN's
+# reaches ≈440. `linear(x, W, b)` computes exactly F.linear(x, W, b) in fp32 (only rounding
+# differs) and is F.linear itself on GPUs, for other dtypes, and in torch builds without oneDNN.
+try:
+    _onednn_linear = torch.ops.mkldnn._linear_pointwise   # the op torch.compile uses on CPUs
+except (AttributeError, RuntimeError):
+    _onednn_linear = None
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):                  # x [N, I], weight [O, I], bias [O]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias, "none", [], "")            # x·Wᵀ + b: [N, O]
+
+    @staticmethod
+    def backward(ctx, grad):                            # grad [N, O]
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:                     # ∂/∂x = grad·W: [N, I], via oneDNN
+            gx = _onednn_linear(grad, weight.t().contiguous(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:                     # ∂/∂W = gradᵀ·x: [O, I] (MKL: no copies)
+            gw = grad.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:    # ∂/∂b = Σ_n grad: [O]
+            gb = grad.sum(0)
+        return gx, gw, gb
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x [..., I], weight [O, I] → [..., O]; see above."""
+    if _onednn_linear is None or x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same maths) whose products go through `linear` above."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 def mlp(inp, units, layers, out):
     """`layers` dense layers of `units` with ELU, then a linear output (all heads, official)."""
     mods = []
     for _ in range(layers):
-        mods += [nn.Linear(inp, units), nn.ELU()]
+        mods += [Linear(inp, units), nn.ELU()]
         inp = units
-    return nn.Sequential(*mods, nn.Linear(inp, out))
+    return nn.Sequential(*mods, Linear(inp, out))
 
 
 def init_like_keras(module):
@@ -198,13 +244,17 @@ class Encoder(nn.Module):
         self.convs = nn.ModuleList([nn.Conv2d(3, d, 4, 2), nn.Conv2d(d, 2 * d, 4, 2),
                                     nn.Conv2d(2 * d, 4 * d, 4, 2), nn.Conv2d(4 * d, 8 * d, 4, 2)])
         self.embed_size = 32 * d  # 8d channels × 2 × 2 pixels
+        self.to(memory_format=torch.channels_last)      # speed: see forward
 
     def forward(self, obs):
         # obs: [..., 3, 64, 64] floats → embed: [..., 32·d]
         lead = obs.shape[:-3]
         x = obs.reshape(-1, *obs.shape[-3:])            # [N, 3, 64, 64]
+        # speed: channels-last (NHWC) memory makes oneDNN's convolutions ≈1.9× faster on CPU
+        # (and suits cuDNN); values and shapes are unchanged.
+        x = x.contiguous(memory_format=torch.channels_last)
         for conv in self.convs:
-            x = F.relu(conv(x))                         # [N, 8d, 2, 2] after the last one
+            x = F.relu(conv(x), inplace=True)           # [N, 8d, 2, 2] after the last one
         return x.reshape(*lead, self.embed_size)        # [..., 32·d]
 
 
@@ -228,12 +278,12 @@ class RSSM(nn.Module):
         super().__init__()
         Z, D, Hd = cfg.stoch_size, cfg.deter_size, cfg.hidden_size
         self.stoch_size, self.deter_size, self.min_std = Z, D, cfg.min_std
-        self.img_in = nn.Linear(Z + action_dim, Hd)    # [z_{t−1}, a_{t−1}] → GRU input
+        self.img_in = Linear(Z + action_dim, Hd)    # [z_{t−1}, a_{t−1}] → GRU input
         self.gru = nn.GRUCell(Hd, D)                   # h_{t−1} → h_t
-        self.img_hidden = nn.Linear(D, Hd)             # h_t → prior hidden
-        self.img_out = nn.Linear(Hd, 2 * Z)            # → prior (μ, σ)
-        self.obs_hidden = nn.Linear(D + embed_size, Hd)  # [h_t, e_t] → posterior hidden
-        self.obs_out = nn.Linear(Hd, 2 * Z)            # → posterior (μ, σ)
+        self.img_hidden = Linear(D, Hd)             # h_t → prior hidden
+        self.img_out = Linear(Hd, 2 * Z)            # → prior (μ, σ)
+        self.obs_hidden = Linear(D + embed_size, Hd)  # [h_t, e_t] → posterior hidden
+        self.obs_out = Linear(Hd, 2 * Z)            # → posterior (μ, σ)
 
     def initial(self, batch, device):
         """s_0: zero stochastic and deterministic state [official code]."""
@@ -291,19 +341,25 @@ class Decoder(nn.Module):
     def __init__(self, depth, feat_size):
         super().__init__()
         d = depth
-        self.fc = nn.Linear(feat_size, 32 * d)
+        self.fc = Linear(feat_size, 32 * d)
         self.deconvs = nn.ModuleList([
             nn.ConvTranspose2d(32 * d, 4 * d, 5, 2), nn.ConvTranspose2d(4 * d, 2 * d, 5, 2),
             nn.ConvTranspose2d(2 * d, d, 6, 2), nn.ConvTranspose2d(d, 3, 6, 2)])
+        self.to(memory_format=torch.channels_last)      # speed: as in the encoder
 
     def forward(self, feat):
         # feat: [..., F] → mean image [..., 3, 64, 64]
         lead = feat.shape[:-1]
-        x = self.fc(feat).reshape(-1, self.fc.out_features, 1, 1)   # [N, 32d, 1, 1]
-        for i, deconv in enumerate(self.deconvs):
+        x = self.fc(feat).reshape(-1, self.fc.out_features)          # [N, 32d], a 1×1 image
+        # speed: on a 1×1 input the first transposed convolution is a plain matrix product,
+        # [N, 32d] @ W[32d, 4d·5·5] + b = the same [N, 4d, 5, 5], ≈2× faster than the conv call.
+        first = self.deconvs[0]
+        x = linear(x, first.weight.flatten(1).t()).view(-1, *first.weight.shape[1:])
+        x = F.relu(x + first.bias[:, None, None]).contiguous(memory_format=torch.channels_last)
+        for i, deconv in enumerate(self.deconvs[1:], 1):             # 5 → 13 → 30 → 64 pixels
             x = deconv(x)
             if i < len(self.deconvs) - 1:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)
         return x.reshape(*lead, 3, 64, 64)
 
 

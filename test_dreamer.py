@@ -133,6 +133,36 @@ def test_shapes_through_encoder_rssm_decoder_and_imagination():
     assert feats.shape == (cfg.horizon, B * L, F) and log_probs.shape == (cfg.horizon, B * L)
 
 
+def test_fast_linear_equals_f_linear_in_value_and_gradients():
+    """The speed path for dense layers (oneDNN on CPU) must compute F.linear exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 17, generator=g, requires_grad=True)
+    w = torch.randn(9, 17, generator=g, requires_grad=True)
+    b = torch.randn(9, generator=g, requires_grad=True)
+    up = torch.randn(3, 40, 9, generator=g)
+    results = []
+    for fn in (torch.nn.functional.linear, d.linear):
+        y = fn(x, w, b)
+        grads = torch.autograd.grad(y, (x, w, b), up)
+        results.append((y, *grads))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    frozen_w = w.detach()                                  # no weight gradient asked for
+    gx, = torch.autograd.grad(d.linear(x, frozen_w, None), (x,), up)
+    torch.testing.assert_close(gx, up @ frozen_w, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_equals_plain_transposed_convolutions():
+    """The decoder's speed-ups (matrix product for the 1×1 layer, channels-last) change no value."""
+    torch.manual_seed(0)
+    dec, feat = d.Decoder(4, 40), torch.randn(2, 3, 40)
+    x = dec.fc(feat).reshape(-1, dec.fc.out_features, 1, 1)
+    for i, deconv in enumerate(dec.deconvs):
+        x = torch.nn.functional.conv_transpose2d(x, deconv.weight.contiguous(), deconv.bias, 2)
+        x = torch.relu(x) if i < 3 else x
+    torch.testing.assert_close(dec(feat), x.reshape(2, 3, 3, 64, 64), rtol=1e-5, atol=1e-5)
+
+
 def test_actor_is_tanh_gaussian_with_init_std_5_and_bounded_mean():
     cfg = tiny_config()
     actor = d.Actor(cfg, 2)
