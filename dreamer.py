@@ -756,8 +756,8 @@ def all_tasks():
 def parse_task(name):
     """'reacher_easy' → ('reacher', 'easy'); 'ball_in_cup_catch' → ('ball_in_cup', 'catch').
     Raises UserError for a malformed or unknown name."""
-    if not re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", name or ""):
-        raise UserError(f"malformed task name {name!r}: expected domain_task in lower case, "
+    if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)+", name or ""):
+        raise UserError(f"malformed task name {name!r}: expected domain_task, "
                         f"e.g. reacher_easy or cheetah_run")
     if name in TASK_ALIASES:
         return TASK_ALIASES[name]

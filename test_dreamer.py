@@ -411,13 +411,14 @@ def test_task_names():
     assert d.parse_task("cup_catch") == ("ball_in_cup", "catch")
     assert d.parse_task("ball_in_cup_catch") == ("ball_in_cup", "catch")
     assert d.parse_task("cartpole_swingup_sparse") == ("cartpole", "swingup_sparse")
+    assert d.parse_task("humanoid_CMU_run") == ("humanoid_CMU", "run")
     paper_tasks = ("acrobot_swingup cartpole_balance cartpole_balance_sparse cartpole_swingup "
                    "cartpole_swingup_sparse cheetah_run cup_catch finger_spin finger_turn_easy "
                    "finger_turn_hard hopper_hop hopper_stand pendulum_swingup quadruped_run "
                    "quadruped_walk reacher_easy reacher_hard walker_run walker_stand walker_walk")
     for name in paper_tasks.split():
         d.parse_task(name)
-    for bad in ("reacher", "Reacher-Easy", "reacher_impossible", ""):
+    for bad in ("reacher", "Reacher-Easy", "reacher_impossible", "reacher easy", ""):
         with pytest.raises(d.UserError):
             d.parse_task(bad)
 
