@@ -908,6 +908,11 @@ class Trainer:
         if self.resumed:
             self.load_checkpoint()
         self.replay.load()
+        if not self.resumed and len(self.replay.episodes) >= cfg.seed_episodes:
+            # Episodes but no checkpoint (the run was killed before its first one): fresh
+            # models learn from the data, with the first training phase where it would have been.
+            seed_rows = sum(len(e["reward"]) - 1 for e in self.replay.episodes[:cfg.seed_episodes])
+            self.counters["next_train"] = seed_rows * cfg.action_repeat
         # Only now, with everything read back, is anything written to the logdir.
         self.logdir.mkdir(parents=True, exist_ok=True)
         config = json.dumps({"task": task, **dataclasses.asdict(cfg)}, indent=1).encode()

@@ -570,3 +570,18 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert (logdir / "checkpoint.pt").exists()
     resumed = run_cli(*E2E, "--steps", "800", "--logdir", str(logdir))
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+
+
+def test_episodes_without_checkpoint_train_fresh_models_on_schedule(trained, tmp_path):
+    """A run killed before its first checkpoint leaves episodes only: the next run learns from
+    them and owes exactly the training phases the schedule asked for: one per 200 env steps
+    from the end of the single seed episode, all due before the next episode."""
+    logdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(trained[0]), str(logdir)], check=True)
+    (logdir / "checkpoint.pt").unlink()
+    (logdir / "metrics.jsonl").unlink()
+    n = len(list((logdir / "episodes").glob("*.npz")))   # 3, or 5 after the resume test
+    proc = run_cli(*E2E, "--steps", str(200 * n + 200), "--logdir", str(logdir))
+    assert proc.returncode == 0, proc.stderr
+    phases = [m["step"] for m in read_metrics(logdir) if "model/loss" in m]
+    assert phases == [200 * n] * n
