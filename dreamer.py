@@ -98,6 +98,8 @@ class Config:
     horizon: int = _f(15, "H: imagination horizon (paper Sec. 6)")
     discount: float = _f(0.99, "γ: discount of imagined rewards (paper Sec. 6)")
     lam: float = _f(0.95, "λ: mixes the k-step returns of Eq. 6 (paper Sec. 6)")
+    value_estimate: str = _f("lambda", "actor target: lambda (V_λ, Eq. 6) or reward (V_R, "
+                                       "Eq. 4, the paper's no-value ablation)")
     actor_mean_scale: float = _f(5.0, "mean = s·tanh(μ/s) bounds the actor's mean [official]")
     actor_init_std: float = _f(5.0, "actor std at initialisation [official code]")
     actor_min_std: float = _f(1e-4, "floor on the actor's std [official code]")
@@ -127,13 +129,15 @@ def validate(cfg):
     """Raise UserError for values that cannot work, so that a run never starts with them."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name in ("seed", "precision"):
+        if f.name in ("seed", "precision", "value_estimate"):
             continue
         if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std"):
             if v < 0:
                 raise UserError(f"--{f.name} must be ≥ 0, got {v}")
         elif v <= 0:
             raise UserError(f"--{f.name} must be > 0, got {v}")
+    if cfg.value_estimate not in ("lambda", "reward"):
+        raise UserError(f"--value_estimate must be lambda or reward, got {cfg.value_estimate!r}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.discount > 1 or cfg.lam > 1:
@@ -466,9 +470,34 @@ class ValueModel(nn.Module):
 # Eq. 4: V_R(s_τ) = E[Σ_{n=τ}^{t+H} r_n]                        (rewards only, an ablation)
 # Eq. 5: V_N^k(s_τ) = E[Σ_{n=τ}^{h−1} γ^{n−τ} r_n + γ^{h−τ} v_ψ(s_h)],  h = min(τ + k, t + H)
 # Eq. 6: V_λ(s_τ) = (1−λ) Σ_{n=1}^{H−1} λ^{n−1} V_N^n(s_τ) + λ^{H−1} V_N^H(s_τ)
-# Eq. 6 equals the backward recursion below, which costs O(H) instead of O(H²); test_dreamer.py
-# checks the two against each other. λ = 1 gives the discounted sum plus bootstrap, λ = 0 the
-# one-step target r_τ + γ·v(s_{τ+1}), γ = 0 the rewards alone.
+# Eq. 6 equals the backward recursion in lambda_return, which costs O(H) instead of O(H²);
+# test_dreamer.py checks the two against each other. λ = 1 gives the discounted sum plus
+# bootstrap, λ = 0 the one-step target r_τ + γ·v(s_{τ+1}), γ = 0 the rewards alone.
+# Time-major tensors [T, ...]: index t is imagination step τ; value[t] is v_ψ(s_t), and the
+# bootstrap [...] is v_ψ(s_T), the value of the state after the last one.
+
+def reward_sum(reward):
+    """(Eq. 4) V_R(s_τ) = Σ_{n=τ}^{T−1} r_n: the imagined rewards up to the horizon, no value
+    model (the paper's "no value" ablation, --value_estimate reward). [T, ...] → [T, ...]."""
+    return reward.flip(0).cumsum(0).flip(0)
+
+
+def nstep_return(reward, value, discount, bootstrap, k):
+    """(Eq. 5) V_N^k(s_τ) = Σ_{n=τ}^{h−1} γ^{n−τ}·r_n + γ^{h−τ}·v(s_h),  h = min(τ + k, T),
+    with γ^{n−τ} read as the product of the discounts d_τ … d_{n−1}. [T, ...] → [T, ...].
+    Written as the sum it is (O(T·k)); Eq. 6 mixes these for k = 1 … H."""
+    T = reward.shape[0]
+    values = torch.cat([value, bootstrap[None]], 0)                     # v(s_0) … v(s_T)
+    out = []
+    for tau in range(T):
+        h = min(tau + k, T)
+        total, weight = torch.zeros_like(reward[0]), torch.ones_like(reward[0])
+        for n in range(tau, h):
+            total = total + weight * reward[n]                          # γ^{n−τ}·r_n
+            weight = weight * discount[n]
+        out.append(total + weight * values[h])                          # + γ^{h−τ}·v(s_h)
+    return torch.stack(out, 0)
+
 
 def lambda_return(reward, value, discount, bootstrap, lam):
     """(Eq. 6) R_t = r_t + d_t·((1−λ)·v_{t+1} + λ·R_{t+1}),  with v_T = R_T = bootstrap.
@@ -556,8 +585,11 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     reward = wm.reward(feats)                                        # mean r(s_τ): [H, N]
     value = value_model(feats)                                       # v_ψ(s_τ):    [H, N]
     discount = cfg.discount * torch.ones_like(reward)                # γ (no early ends on DMC)
-    # [official code] returns for s_1 … s_{H−1}; v(s_H) is the bootstrap. [H−1, N]
-    returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], cfg.lam)
+    if cfg.value_estimate == "reward":                               # (Eq. 4), an ablation
+        returns = reward_sum(reward)[:-1]                            # [H−1, N]
+    else:
+        # (Eq. 6) [official code] returns for s_1 … s_{H−1}; v(s_H) is the bootstrap. [H−1, N]
+        returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], cfg.lam)
     # [official code] weight step τ by γ^(τ−1) (the cumulative product of discounts, starting
     # at 1, gradient stopped), and average over steps and starts where Eq. 7 sums. [H−1, N]
     weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0)

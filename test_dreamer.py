@@ -76,6 +76,34 @@ def test_lambda_return_equals_explicit_eq5_eq6_sum(gamma, lam):
                                                                      gamma, lam), rtol=1e-10)
 
 
+def test_eq5_nstep_return_and_eq4_reward_sum_equal_explicit_sums():
+    rng = np.random.default_rng(2)
+    T, N, gamma = 7, 3, 0.9
+    r, v, boot = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=N)
+    disc = gamma * torch.ones(T, N, dtype=torch.float64)
+    for k in (1, 3, T):
+        got = d.nstep_return(torch.tensor(r), torch.tensor(v), disc, torch.tensor(boot), k)
+        for n in range(N):
+            values = np.append(v[:, n], boot[n])
+            for tau in range(T):
+                h = min(tau + k, T)
+                ref = sum(gamma ** (i - tau) * r[i, n] for i in range(tau, h))
+                assert got[tau, n].item() == pytest.approx(ref + gamma ** (h - tau) * values[h])
+    # Eq. 6 built from the code's own Eq. 5 agrees with the recursion too.
+    lam = 0.8
+    mix = torch.stack([
+        (1 - lam) * sum(lam ** (n - 1) * d.nstep_return(torch.tensor(r[t:]), torch.tensor(v[t:]),
+                                                          disc[t:], torch.tensor(boot), n)[0]
+                        for n in range(1, T - t))
+        + lam ** (T - t - 1) * d.nstep_return(torch.tensor(r[t:]), torch.tensor(v[t:]), disc[t:],
+                                              torch.tensor(boot), T - t)[0] for t in range(T)])
+    torch.testing.assert_close(mix, d.lambda_return(torch.tensor(r), torch.tensor(v), disc,
+                                                    torch.tensor(boot), lam))
+    # Eq. 4: undiscounted rewards to the horizon, no values.
+    np.testing.assert_allclose(d.reward_sum(torch.tensor(r)).numpy(),
+                               np.array([r[t:].sum(0) for t in range(T)]))
+
+
 def test_lambda_return_special_cases():
     rng = np.random.default_rng(1)
     T = 6
@@ -321,6 +349,15 @@ def test_train_step_imagines_in_the_world_model_from_before_its_step():
     assert not identical(official, actor_after(True))
 
 
+def test_no_value_ablation_uses_reward_sums(agent_and_start):
+    agent, z, h = agent_and_start
+    cfg = dataclasses.replace(agent.cfg, value_estimate="reward")
+    torch.manual_seed(5)
+    _, feats, returns, _, _ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h, cfg)
+    reward = agent.world_model.reward(feats)                   # [H, N]
+    torch.testing.assert_close(returns, reward.flip(0).cumsum(0).flip(0)[:-1])
+
+
 def test_actor_and_value_weights_are_cumulative_discounts(agent_and_start):
     agent, z, h = agent_and_start
     _, _, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h,
@@ -450,6 +487,8 @@ BAD_ARGS = [
     (["--preset", "huge"], "unknown preset"),
     (["--batch_size", "many"], "invalid int value"),
     (["--lam", "1.5"], "must be ≤ 1"),
+    (["--value_estimate", "magic"], "must be lambda or reward"),
+    (["--precision", "fp8"], "must be fp32 or bf16"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
 ]
 
