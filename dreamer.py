@@ -1043,7 +1043,7 @@ class Trainer:
         if self.resumed:
             print(f"resuming from {self.checkpoint_path}: {steps} env steps, "
                   f"{len(self.replay.episodes)} episodes, {c['updates']} updates", flush=True)
-        t0, steps0, train_metrics = time.perf_counter(), steps, {}
+        clock, train_metrics = [(time.perf_counter(), steps)], {}   # (time, env steps) marks
         previous_handler = signal.signal(signal.SIGINT, self.stop.handler)
         try:
             while steps < cfg.steps:
@@ -1076,7 +1076,8 @@ class Trainer:
                     while c["next_checkpoint"] <= steps:
                         c["next_checkpoint"] += cfg.checkpoint_every
                     self.save_checkpoint()
-                self.progress(steps, steps0, t0, record, train_metrics)
+                clock = (clock + [(time.perf_counter(), steps)])[-6:]   # the last 5 episodes
+                self.progress(steps, clock, record, train_metrics)
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the save
             self.save_checkpoint()
@@ -1092,10 +1093,11 @@ class Trainer:
               flush=True)
         return 0
 
-    def progress(self, steps, steps0, t0, record, train):
-        """One line per episode: where the run is, what it returns, what it learns, how fast."""
-        elapsed = time.perf_counter() - t0
-        rate = (steps - steps0) / max(elapsed, 1e-9)
+    def progress(self, steps, clock, record, train):
+        """One line per episode: where the run is, what it returns, what it learns, how fast.
+        The ETA extrapolates the pace (training + collection) of the last 5 episodes."""
+        (t_old, s_old), (t_new, s_new) = clock[0], clock[-1]
+        rate = (s_new - s_old) / max(t_new - t_old, 1e-9)
         eta = (self.cfg.steps - steps) / max(rate, 1e-9)
         line = (f"step {steps:>8} | ep {len(self.replay.episodes):>4} | "
                 f"train {self.last['train/return']:7.1f} | eval {self.last['eval/return']:7.1f}")
