@@ -129,7 +129,13 @@ def validate(cfg):
     """Raise UserError for values that cannot work, so that a run never starts with them."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name in ("seed", "precision", "value_estimate"):
+        if f.name in ("precision", "value_estimate"):
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"--{f.name} must be a finite number, got {v}")
+        if f.name == "seed":
+            if not 0 <= v < 2 ** 32:
+                raise UserError(f"--seed must be in [0, 2³²), got {v}")
             continue
         if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std"):
             if v < 0:
@@ -424,7 +430,8 @@ class Actor(nn.Module):
         self.net = mlp(cfg.stoch_size + cfg.deter_size, cfg.units, cfg.actor_layers,
                        2 * action_dim)
         self.mean_scale, self.min_std = cfg.actor_mean_scale, cfg.actor_min_std
-        self.raw_init_std = math.log(math.exp(cfg.actor_init_std) - 1)   # softplus⁻¹(init std)
+        # softplus⁻¹(s) = ln(eˢ − 1) = s + ln(1 − e⁻ˢ), the second form without overflow
+        self.raw_init_std = cfg.actor_init_std + math.log(-math.expm1(-cfg.actor_init_std))
         init_like_keras(self)
 
     def dist_params(self, feat):
@@ -597,7 +604,7 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     loss = -(weights * returns).mean()
     metrics = {"actor/loss": loss, "actor/entropy": -log_probs.detach().mean(),
                "behaviour/imagined_reward": reward.detach().mean(),
-               "behaviour/lambda_return": returns.detach().mean()}
+               "behaviour/return": returns.detach().mean()}
     return loss, feats, returns, weights, metrics
 
 
@@ -730,13 +737,15 @@ class ReplayBuffer:
         self.directory = Path(directory) if directory is not None else None
         self.episodes = []
         self.rng = np.random.default_rng(seed)
+        self.next_index = 0          # file number of the next episode; never reuses a name
 
     def add(self, episode):
         episode = {k: np.asarray(v) for k, v in episode.items()}
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"{len(self.episodes):06d}.npz"
+            path = self.directory / f"{self.next_index:06d}.npz"
             save_atomically(path, lambda f: np.savez_compressed(f, **episode))
+        self.next_index += 1
         self.episodes.append(episode)
 
     def load(self):
@@ -751,6 +760,8 @@ class ReplayBuffer:
                 raise UserError(f"cannot read episode file {path} ({type(e).__name__}: {e}); "
                                 f"move it out of the way to resume without it") from None
             self.episodes.append(episode)
+            if path.stem.isdigit():
+                self.next_index = max(self.next_index, int(path.stem) + 1)
 
     @property
     def num_steps(self):
@@ -812,6 +823,8 @@ class DMCEnv:
         self.env = suite.load(domain, name, task_kwargs={"random": seed})
         self.camera = 2 if domain == "quadruped" else 0     # [official code] camera choice
         self.action_repeat, self.time_limit, self.size = action_repeat, time_limit, size
+        # Episodes end at our time limit or the task's own, whichever comes first.
+        self.max_env_steps = int(min(time_limit, self.env._step_limit))
         spec = self.env.action_spec()
         self.low, self.high = spec.minimum, spec.maximum
         self.action_dim = spec.shape[0]
@@ -906,10 +919,11 @@ class StopFlag:
     once. check() raises KeyboardInterrupt once a stop was asked for."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.forced = False
 
     def handler(self, signum, frame):
         if self.requested:
+            self.forced = True
             raise KeyboardInterrupt
         self.requested = True
 
@@ -928,12 +942,17 @@ class Trainer:
         self.check_logdir()
         seed_everything(cfg.seed)
         self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed)
+        rows = self.env.max_env_steps // cfg.action_repeat + 1
+        if cfg.batch_length > rows:
+            raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode of "
+                            f"{task} ({rows} rows: the task ends after "
+                            f"{self.env.max_env_steps} env steps)")
         # A separate environment for evaluation, so evaluating leaves training's RNG alone.
         self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + 10_000)
         self.agent = Dreamer(cfg, self.env.action_dim, device)
         self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed)
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
-                         "next_checkpoint": cfg.checkpoint_every}
+                         "phase_updates": 0, "next_checkpoint": cfg.checkpoint_every}
         self.last = {"train/return": float("nan"), "eval/return": float("nan")}
         self.stop = StopFlag()
         self.resumed = self.checkpoint_path.exists()
@@ -1004,15 +1023,17 @@ class Trainer:
     # -- the three phases of Algorithm 1 ----------------------------------------------------
     def train_phase(self):
         """Dynamics learning + behaviour learning: C = train_steps updates on fresh batches."""
-        cfg, metrics, start = self.cfg, [], time.perf_counter()
-        for _ in range(cfg.train_steps):
+        cfg, c, metrics, start = self.cfg, self.counters, [], time.perf_counter()
+        while c["phase_updates"] < cfg.train_steps:     # a phase cut by Ctrl-C resumes midway
             self.stop.check()
             batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
             batch = {k: torch.as_tensor(v, device=self.agent.device) for k, v in batch.items()}
             metrics.append(self.agent.train_step(batch))
-            self.counters["updates"] += 1
+            c["updates"] += 1
+            c["phase_updates"] += 1
+        c["phase_updates"] = 0
         mean = {k: torch.stack([m[k] for m in metrics]).mean().item() for k in metrics[0]}
-        mean["time/updates_per_s"] = cfg.train_steps / (time.perf_counter() - start)
+        mean["time/updates_per_s"] = len(metrics) / (time.perf_counter() - start)
         return mean
 
     def collect(self, env, explore, random_actions=False):
@@ -1029,6 +1050,12 @@ class Trainer:
         returns = [self.collect(self.eval_env, explore=False)[1]
                    for _ in range(self.cfg.eval_episodes)]
         return float(np.mean(returns))
+
+    def evaluate_and_log(self, steps):
+        self.last["eval/return"] = self.evaluate()
+        self.log(steps, {"eval/return": self.last["eval/return"]})
+        while self.counters["next_eval"] <= steps:
+            self.counters["next_eval"] += self.cfg.eval_every
 
     def env_steps(self):
         return self.replay.num_steps * self.cfg.action_repeat
@@ -1055,6 +1082,8 @@ class Trainer:
                     train_metrics = self.train_phase()
                     self.log(steps, train_metrics)
                     c["next_train"] += cfg.train_every
+                if steps >= c["next_eval"]:   # an evaluation cut short by Ctrl-C, now owed
+                    self.evaluate_and_log(steps)
                 # Algorithm 1, environment interaction: seed episodes act at random.
                 seeding = len(self.replay.episodes) < cfg.seed_episodes
                 t_env = time.perf_counter()
@@ -1067,11 +1096,9 @@ class Trainer:
                 self.last["train/return"] = ret
                 record = {"train/return": ret, "train/length": new_steps,
                           "time/env_steps_per_s": new_steps / (time.perf_counter() - t_env)}
-                if steps >= c["next_eval"] or steps >= cfg.steps:
-                    self.last["eval/return"] = record["eval/return"] = self.evaluate()
-                    while c["next_eval"] <= steps:
-                        c["next_eval"] += cfg.eval_every
                 self.log(steps, record)
+                if steps >= c["next_eval"] or steps >= cfg.steps:
+                    self.evaluate_and_log(steps)
                 if steps >= c["next_checkpoint"]:
                     while c["next_checkpoint"] <= steps:
                         c["next_checkpoint"] += cfg.checkpoint_every
@@ -1079,7 +1106,11 @@ class Trainer:
                 clock = (clock + [(time.perf_counter(), steps)])[-6:]   # the last 5 episodes
                 self.progress(steps, clock, record, train_metrics)
         except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the save
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # a third Ctrl-C must not cut the save
+            if self.stop.forced:   # the second Ctrl-C may have cut an update in half: no save
+                print(f"\nstopped at once; the last checkpoint in {self.logdir} is kept as it "
+                      f"was", file=sys.stderr, flush=True)
+                return 130
             self.save_checkpoint()
             print(f"\ninterrupted at {steps} env steps; checkpoint saved to "
                   f"{self.checkpoint_path}. Run the same command to resume "
@@ -1233,7 +1264,7 @@ def build_parser():
     for f in dataclasses.fields(Config):
         # default=None so we can tell a flag the user gave from one the preset should set.
         p.add_argument(f"--{f.name}", type=f.type,
-                       default=None, help=f"{f.metadata['help']} [paper: {f.default}]")
+                       default=None, help=f"{f.metadata['help']} [default: {f.default}]")
     return p
 
 
@@ -1267,25 +1298,22 @@ def main(argv=None):
             benchmark(cfg, args.env, args.device)
             return 0
         trainer = Trainer(cfg, args.env, args.logdir, args.device)
+        agent = trainer.agent
+        counts = {"encoder": agent.world_model.encoder, "rssm": agent.world_model.rssm,
+                  "decoder": agent.world_model.decoder, "reward": agent.world_model.reward,
+                  "world model": agent.world_model, "actor": agent.actor, "value": agent.value}
+        print(f"Dreamer on {args.env} | preset {args.preset} | device {args.device} "
+              f"({torch.get_num_threads()} threads) | logdir {args.logdir}")
+        print("parameters: " + " · ".join(f"{k} {count_parameters(m):,}"
+                                          for k, m in counts.items()), flush=True)
+        return trainer.run()            # handles Ctrl-C itself once training has started
     except UserError as e:
         print(f"dreamer.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted before training started; nothing was written", file=sys.stderr)
+        print("\ninterrupted before training started; no checkpoint or episode was written",
+              file=sys.stderr)
         return 130
-    agent = trainer.agent
-    counts = {"encoder": agent.world_model.encoder, "rssm": agent.world_model.rssm,
-              "decoder": agent.world_model.decoder, "reward": agent.world_model.reward,
-              "world model": agent.world_model, "actor": agent.actor, "value": agent.value}
-    print(f"Dreamer on {args.env} | preset {args.preset} | device {args.device} "
-          f"({torch.get_num_threads()} threads) | logdir {args.logdir}")
-    print("parameters: " + " · ".join(f"{k} {count_parameters(m):,}" for k, m in counts.items()),
-          flush=True)
-    try:
-        return trainer.run()
-    except UserError as e:
-        print(f"dreamer.py: error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":
