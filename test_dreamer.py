@@ -247,6 +247,54 @@ def test_kl_term_equals_free_nats_when_posterior_equals_prior():
     assert kl_term.item() == pytest.approx(cfg.free_nats, rel=1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.3, 3.0])     # mean KL below, then above the free nats
+def test_kl_term_is_scaled_max_of_batch_mean_kl_post_prior_and_free_nats(scale):
+    cfg = tiny_config(kl_scale=2.0)
+    wm = d.WorldModel(cfg, 2)
+    B, L, Z = 3, 6, cfg.stoch_size
+    g = torch.Generator().manual_seed(0)
+    stats = {"post_mean": scale * torch.randn(B, L, Z, generator=g),
+             "post_std": torch.rand(B, L, Z, generator=g) + 0.2,
+             "prior_mean": torch.zeros(B, L, Z), "prior_std": torch.ones(B, L, Z)}
+    stats["post_mean"][0] *= 4            # per-step KLs on both sides of the free nats
+    observe = wm.rssm.observe
+    wm.rssm.observe = lambda embed, action: {**observe(embed, action), **stats}
+    loss, metrics, _, _ = d.world_model_loss(wm, fake_batch(cfg, B=B, L=L), cfg)
+    ref = torch.distributions.kl_divergence(    # KL(posterior ‖ prior), Σ over z, mean over B, L
+        torch.distributions.Normal(stats["post_mean"], stats["post_std"]),
+        torch.distributions.Normal(stats["prior_mean"], stats["prior_std"])).sum(-1).mean()
+    assert metrics["model/kl"].item() == pytest.approx(ref.item(), rel=1e-5)
+    kl_term = loss - metrics["model/image_loss"] - metrics["model/reward_loss"]
+    assert kl_term.item() == pytest.approx(2.0 * max(ref.item(), cfg.free_nats), rel=1e-5)
+
+
+def test_rssm_stds_have_their_floor():
+    cfg = tiny_config()
+    rssm = d.WorldModel(cfg, 2).rssm
+    for layer in (rssm.img_out, rssm.obs_out):
+        torch.nn.init.constant_(layer.bias, -100.0)
+    s = rssm.observe(torch.randn(2, 4, 32 * cfg.cnn_depth), torch.zeros(2, 4, 2))
+    for k in ("post_std", "prior_std"):
+        torch.testing.assert_close(s[k], torch.full_like(s[k], cfg.min_std))
+
+
+def test_observe_uses_action_of_its_row_and_image_of_its_step():
+    """Row t holds a_{t−1}: h_t depends on action[t] (and earlier), never on action[t+1];
+    z_t is the posterior: it depends on the embedding of o_t, never on later ones."""
+    cfg = tiny_config()
+    rssm = d.WorldModel(cfg, 2).rssm
+    embed = torch.randn(2, 5, 32 * cfg.cnn_depth, requires_grad=True)
+    action = torch.randn(2, 5, 2, requires_grad=True)
+    s = rssm.observe(embed, action)
+    t = 2
+    ga, = torch.autograd.grad(s["h"][:, t].sum(), action, retain_graph=True)
+    assert ga[:, t].abs().sum() > 0 and ga[:, t + 1:].abs().sum() == 0
+    ge, = torch.autograd.grad(s["z"][:, t].sum(), embed, retain_graph=True)
+    assert ge[:, t].abs().sum() > 0 and ge[:, t + 1:].abs().sum() == 0
+    gh, = torch.autograd.grad(s["h"][:, t].sum(), embed)
+    assert gh[:, t].abs().sum() == 0          # h_t is the prior's: computed before seeing o_t
+
+
 def test_image_and_reward_log_likelihoods():
     """J_O is summed over the 3·64·64 pixels (not averaged), J_R is per step; both unit-variance
     Gaussians (constants dropped). Checked with a decoder and reward head that predict zero."""
@@ -358,6 +406,90 @@ def test_no_value_ablation_uses_reward_sums(agent_and_start):
     torch.testing.assert_close(returns, reward.flip(0).cumsum(0).flip(0)[:-1])
 
 
+def test_actor_sees_detached_states_and_first_imagined_state_follows_first_action(
+        agent_and_start):
+    agent, z, h = agent_and_start
+    seen = []
+    forward = agent.actor.forward
+    agent.actor.forward = lambda feat, sample=True: (seen.append(feat.requires_grad),
+                                                     forward(feat, sample))[1]
+    feats, _ = d.imagine(agent.world_model, agent.actor, z.reshape(-1, z.shape[-1]),
+                         h.reshape(-1, h.shape[-1]), agent.cfg.horizon)
+    assert len(seen) == agent.cfg.horizon and not any(seen)   # [official code] sg(s_τ) each step
+    first = torch.autograd.grad(feats[0].sum(), list(agent.actor.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in first)   # s_1 follows a_0
+
+
+def test_actor_loss_targets_lambda_returns_of_its_own_imagination(agent_and_start):
+    agent, z, h = agent_and_start
+    cfg = agent.cfg
+    loss, feats, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value,
+                                                    z, h, cfg)
+    with torch.no_grad():
+        r, v = agent.world_model.reward(feats), agent.value(feats)     # [H, N]
+        ref = d.lambda_return(r[:-1], v[:-1], cfg.discount * torch.ones_like(r[:-1]), v[-1],
+                              cfg.lam)
+    torch.testing.assert_close(returns.detach(), ref)
+    torch.testing.assert_close(loss.detach(), -(weights * ref).mean())
+    # Value loss (Eq. 8): ½·mean(w·(v_ψ(s_τ) − V_λ(s_τ))²) over s_1 … s_{H−1}, any weights.
+    w = torch.rand_like(returns)
+    vloss, _ = d.value_loss(agent.value, feats, returns, w)
+    expected = (w * 0.5 * (agent.value(feats[:-1]) - returns) ** 2).mean()
+    torch.testing.assert_close(vloss.detach(), expected.detach())
+
+
+def test_actor_step_increases_the_objective_of_eq7(agent_and_start):
+    agent, z, h = agent_and_start
+    cfg = dataclasses.replace(agent.cfg, actor_lr=1e-3)
+    agent.actor_opt = torch.optim.Adam(agent.actor.parameters(), cfg.actor_lr)
+
+    def objective():
+        torch.manual_seed(7)                   # the same imagination noise each time
+        with torch.no_grad():                  # E[Σ w·V_λ], computed here, not by actor_loss
+            _, _, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value,
+                                                     z, h, cfg)
+            return (weights * returns).mean()
+
+    before = objective()
+    torch.manual_seed(7)
+    agent.update_actor(z, h)
+    assert objective() > before
+
+
+def test_gradients_are_clipped_and_do_not_accumulate(agent_and_start):
+    agent, z, h = agent_and_start
+    agent.cfg = dataclasses.replace(agent.cfg, grad_clip=1e-3)
+    params = list(agent.value.parameters())
+    feats = torch.randn(4, 10, agent.cfg.stoch_size + agent.cfg.deter_size)
+    norm = agent._step((agent.value(feats) ** 2).mean(), agent.value, agent.value_opt)
+    loss = (agent.value(feats) - 3).abs().mean()
+    expected = torch.autograd.grad(loss, params, retain_graph=True)
+    norm = agent._step(loss, agent.value, agent.value_opt)
+    assert norm > 1e-3                          # the raw norm is returned …
+    clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    assert clipped <= 1e-3 * (1 + 1e-4)         # … the gradient used was clipped to 1e-3
+    for p, g in zip(params, expected):          # and it is the last loss's alone, scaled
+        torch.testing.assert_close(p.grad, g * (1e-3 / norm), rtol=1e-4, atol=1e-9)
+
+
+def test_act_filters_with_the_posterior_and_remembers_the_executed_action():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    agent = d.Dreamer(cfg, 2)
+    obs = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    action, (z, h, prev) = agent.act(obs, None, explore=True)
+    assert np.abs(action).max() <= 1
+    np.testing.assert_array_equal(prev[0].numpy(), action)   # the noisy, clipped action
+    torch.manual_seed(1)
+    mode, (z2, h2, _) = agent.act(obs, None, explore=False)
+    with torch.no_grad():
+        mean, _ = agent.actor.dist_params(torch.cat([z2, h2], -1))
+    np.testing.assert_allclose(mode, torch.tanh(mean)[0].numpy(), rtol=1e-6)   # tanh(μ), no noise
+    torch.manual_seed(1)
+    _, (z3, _, _) = agent.act(255 - obs, None, explore=False)
+    assert not torch.equal(z2, z3)                             # z_t depends on the image
+
+
 def test_actor_and_value_weights_are_cumulative_discounts(agent_and_start):
     agent, z, h = agent_and_start
     _, _, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h,
@@ -426,6 +558,29 @@ def test_replay_rows_hold_previous_action_and_reward_received_with_observation(t
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_replay_samples_every_window_including_the_last(tmp_path):
+    replay = d.ReplayBuffer(seed=0)
+    replay.add({"obs": np.arange(6, dtype=np.uint8)[:, None, None, None] * np.ones((1, 3, 64, 64),
+                                                                              np.uint8),
+                "action": np.zeros((6, 1), np.float32), "reward": np.arange(6, dtype=np.float32)})
+    starts = {int(replay.sample(1, 5)["reward"][0, 0]) for _ in range(50)}
+    assert starts == {0, 1}                   # an episode of L + 1 rows has two windows
+
+
+def test_replay_never_overwrites_an_episode_file(tmp_path):
+    replay = d.ReplayBuffer(tmp_path)
+    episode = {"obs": np.zeros((3, 3, 64, 64), np.uint8), "action": np.zeros((3, 1), np.float32),
+               "reward": np.zeros(3, np.float32)}
+    for _ in range(3):
+        replay.add(episode)
+    (tmp_path / "000001.npz").rename(tmp_path / "aside.bak")   # a user moves a bad file away
+    again = d.ReplayBuffer(tmp_path)
+    again.load()
+    again.add(episode)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["000000.npz", "000002.npz",
+                                                             "000003.npz"]
+
+
 def test_save_atomically_keeps_old_file_when_write_fails(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"old")
@@ -489,6 +644,9 @@ BAD_ARGS = [
     (["--lam", "1.5"], "must be ≤ 1"),
     (["--value_estimate", "magic"], "must be lambda or reward"),
     (["--precision", "fp8"], "must be fp32 or bf16"),
+    (["--seed", "-1"], "--seed must be in"),
+    (["--actor_init_std", "nan"], "must be a finite number"),
+    (["--time_limit", "5000", "--batch_length", "1000"], "longer than an episode of reacher_easy"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
 ]
 
