@@ -161,10 +161,19 @@ def validate(cfg):
 # default fp32 matrix product (MKL) is slow, e.g. AMD's (≈200 GFLOP/s on 2 cores here), oneDNN's
 # reaches ≈440. `linear(x, W, b)` computes exactly F.linear(x, W, b) in fp32 (only rounding
 # differs) and is F.linear itself on GPUs, for other dtypes, and in torch builds without oneDNN.
-try:
-    _onednn_linear = torch.ops.mkldnn._linear_pointwise   # the op torch.compile uses on CPUs
-except (AttributeError, RuntimeError):
-    _onednn_linear = None
+def _find_onednn_linear():
+    """The op torch.compile uses for dense layers on CPUs, if this torch build has one that
+    works here (checked once on a tiny product; any failure means: use F.linear)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        return op if ok else None
+    except Exception:
+        return None
+
+
+_onednn_linear = _find_onednn_linear()
 
 
 class _OneDNNLinear(torch.autograd.Function):
