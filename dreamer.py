@@ -7,7 +7,8 @@ Latent Imagination", ICLR 2020 (arXiv 1912.01603). Read it next to the paper, to
 
 The file follows the paper's order: configuration → encoder → RSSM (Eq. 1) → decoder → reward
 model → actor (Eq. 2–3) → value model (Eq. 2) → value estimates (Eq. 4–6) → losses (Eq. 7, 8, 10)
-→ replay buffer → environment → training loop (Algorithm 1) → main().
+→ replay buffer → environment → training loop (Algorithm 1) → main(). Two sections near the end
+are not part of the algorithm: "Speed" (the same maths, computed faster) and the benchmark.
 
 Where the paper leaves a detail open we follow the authors' TF2 code (github.com/danijar/dreamer)
 and say so with the tag "[official code]"; README.md lists every such place.
@@ -29,7 +30,6 @@ trajectories are time-major [H, N, ...] with N = B·L start states. Replay row t
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -157,68 +157,8 @@ def validate(cfg):
 # Small building blocks
 # ============================================================================================
 
-# Speed (not part of the algorithm): dense layers through oneDNN on the CPU. On CPUs where the
-# default fp32 matrix product (MKL) is slow, e.g. AMD's (≈200 GFLOP/s on 2 cores here), oneDNN's
-# reaches ≈440. `linear(x, W, b)` computes exactly F.linear(x, W, b) in fp32 (only rounding
-# differs) and is F.linear itself on GPUs, for other dtypes, and in torch builds without oneDNN.
-def _find_onednn_linear():
-    """The op torch.compile uses for dense layers on CPUs, if this torch build has one that
-    works here (checked once on a tiny product; any failure means: use F.linear)."""
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
-        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
-        return op if ok else None
-    except Exception:
-        return None
-
-
-_onednn_linear = _find_onednn_linear()
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):                  # x [N, I], weight [O, I], bias [O]
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias, "none", [], "")            # x·Wᵀ + b: [N, O]
-
-    @staticmethod
-    def backward(ctx, grad):                            # grad [N, O]
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:                     # ∂/∂x = grad·W: [N, I], via oneDNN
-            gx = _onednn_linear(grad, weight.t().contiguous(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:                     # ∂/∂W = gradᵀ·x: [O, I] (MKL: no copies)
-            gw = grad.t() @ x
-        if ctx.has_bias and ctx.needs_input_grad[2]:    # ∂/∂b = Σ_n grad: [O]
-            gb = grad.sum(0)
-        return gx, gw, gb
-
-
-def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x [..., I], weight [O, I] → [..., O]; see above."""
-    if _onednn_linear is None or x.device.type != "cpu" or x.dtype != torch.float32:
-        return F.linear(x, weight, bias)
-    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same maths) whose products go through `linear` above."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-def conv_precision(precision, device):
-    """Speed, opt-in (--precision bf16): run the convolutions, 63% of an update's arithmetic, in
-    bfloat16 through autocast; their outputs return to float32 before anything else sees them."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
+# `Linear`/`linear` used below are nn.Linear/F.linear with a faster CPU path, and `conv_precision`
+# switches the convolutions to bf16 when asked: both live in the "Speed" section near the end.
 
 def mlp(inp, units, layers, out):
     """`layers` dense layers of `units` with ELU, then a linear output (all heads, official)."""
@@ -310,12 +250,13 @@ class RSSM(nn.Module):
         super().__init__()
         Z, D, Hd = cfg.stoch_size, cfg.deter_size, cfg.hidden_size
         self.stoch_size, self.deter_size, self.min_std = Z, D, cfg.min_std
-        self.img_in = Linear(Z + action_dim, Hd)    # [z_{t−1}, a_{t−1}] → GRU input
-        self.gru = nn.GRUCell(Hd, D)                   # h_{t−1} → h_t
-        self.img_hidden = Linear(D, Hd)             # h_t → prior hidden
-        self.img_out = Linear(Hd, 2 * Z)            # → prior (μ, σ)
-        self.obs_hidden = Linear(D + embed_size, Hd)  # [h_t, e_t] → posterior hidden
-        self.obs_out = Linear(Hd, 2 * Z)            # → posterior (μ, σ)
+        self.img_in = Linear(Z + action_dim, Hd)        # [z_{t−1}, a_{t−1}] → GRU input
+        # h_{t−1} → h_t; the same gates as Keras' GRUCell (reset_after=True) [official code]
+        self.gru = nn.GRUCell(Hd, D)
+        self.img_hidden = Linear(D, Hd)                 # h_t → prior hidden
+        self.img_out = Linear(Hd, 2 * Z)                # → prior (μ, σ)
+        self.obs_hidden = Linear(D + embed_size, Hd)    # [h_t, e_t] → posterior hidden
+        self.obs_out = Linear(Hd, 2 * Z)                # → posterior (μ, σ)
 
     def initial(self, batch, device):
         """s_0: zero stochastic and deterministic state [official code]."""
@@ -1147,6 +1088,74 @@ class Trainer:
                      f"{train['time/updates_per_s']:5.2f} upd/s")
         line += f" | {record['time/env_steps_per_s']:4.0f} env/s | ETA {fmt_time(eta)}"
         print(line, flush=True)
+
+
+# ============================================================================================
+# Speed (not part of the algorithm): the same maths, computed faster
+# ============================================================================================
+
+# Dense layers through oneDNN on the CPU. Where the default fp32 matrix product (MKL) is slow,
+# e.g. on AMD CPUs (≈200 GFLOP/s on 2 cores here), oneDNN's reaches ≈440. `linear(x, W, b)`
+# computes exactly F.linear(x, W, b) in fp32 (only rounding differs) and is F.linear itself on
+# GPUs, for other dtypes, and in torch builds without a working oneDNN op.
+def _find_onednn_linear():
+    """The op torch.compile uses for dense layers on CPUs, if this torch build has one that
+    works here (checked once on a tiny product; any failure means: use F.linear)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        return op if ok else None
+    except Exception:
+        return None
+
+
+_onednn_linear = _find_onednn_linear()
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):                  # x [N, I], weight [O, I], bias [O]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias, "none", [], "")            # x·Wᵀ + b: [N, O]
+
+    @staticmethod
+    def backward(ctx, grad):                            # grad [N, O]
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:                     # ∂/∂x = grad·W: [N, I], via oneDNN
+            gx = _onednn_linear(grad, weight.t().contiguous(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:                     # ∂/∂W = gradᵀ·x: [O, I] (MKL: no copies)
+            gw = grad.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:    # ∂/∂b = Σ_n grad: [O]
+            gb = grad.sum(0)
+        return gx, gw, gb
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x [..., I], weight [O, I] → [..., O]; see above."""
+    if _onednn_linear is None or x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same maths) whose products go through `linear` above."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+def conv_precision(precision, device):
+    """Speed, opt-in (--precision bf16): run the convolutions, 63% of an update's arithmetic, in
+    bfloat16 through autocast; their outputs return to float32 before anything else sees them."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
 
 
 # ============================================================================================
