@@ -184,8 +184,8 @@ def init_like_keras(module):
 
 
 def gaussian_log_likelihood(mean, x):
-    """ln N(x; mean, 1) per element, dropping the constant −½·ln 2π (it carries no gradient;
-    without it the image term reads as −½·squared error summed over pixels)."""
+    """ln N(x; mean, 1) per element, dropping the constant −½·ln 2π (it carries no gradient):
+    −½·(x − mean)². The reward term uses it; the image term computes the same with mse_loss."""
     return -0.5 * (x - mean) ** 2
 
 
