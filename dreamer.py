@@ -929,6 +929,8 @@ class Trainer:
                 theirs = json.loads(config_path.read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot read {config_path} ({e})") from None
+            # A field added to Config after the run started counts as having had its default.
+            theirs = {**{f.name: f.default for f in dataclasses.fields(Config)}, **theirs}
             diff = [k for k in mine if k not in RESUMABLE_FIELDS and theirs.get(k) != mine[k]]
             if diff:
                 k = diff[0]
@@ -955,7 +957,8 @@ class Trainer:
                 m.load_state_dict(state[name])
             for name, o in self.agent.optimisers().items():
                 o.load_state_dict(state[name])
-            self.counters, self.last = state["counters"], state["last"]
+            self.counters.update(state["counters"])     # counters added later keep defaults
+            self.last = state["last"]
             set_rng_states(state["rng"])
             self.replay.rng.bit_generator.state = state["replay_rng"]
             self.env.random_state.set_state(state["env_rng"])

@@ -782,3 +782,18 @@ def test_episodes_without_checkpoint_train_fresh_models_on_schedule(trained, tmp
     assert proc.returncode == 0, proc.stderr
     phases = [m["step"] for m in read_metrics(logdir) if "model/loss" in m]
     assert phases == [200 * n] * n
+
+
+def test_logdir_from_before_a_new_config_field_still_resumes(trained, tmp_path):
+    """Config fields and counters added later take their defaults when an older run resumes."""
+    logdir = tmp_path / "old"
+    subprocess.run(["cp", "-r", str(trained[0]), str(logdir)], check=True)
+    config = json.loads((logdir / "config.json").read_text())
+    del config["value_estimate"]
+    (logdir / "config.json").write_text(json.dumps(config))
+    state = torch.load(logdir / "checkpoint.pt", weights_only=False)
+    del state["counters"]["phase_updates"]
+    torch.save(state, logdir / "checkpoint.pt")
+    n = len(list((logdir / "episodes").glob("*.npz")))
+    proc = run_cli(*E2E, "--steps", str(200 * n + 200), "--logdir", str(logdir))
+    assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stderr
