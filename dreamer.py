@@ -889,6 +889,7 @@ class Trainer:
     def __init__(self, cfg, task, logdir, device):
         self.cfg, self.task, self.logdir = cfg, task, Path(logdir)
         self.checkpoint_path = self.logdir / "checkpoint.pt"
+        self.config_record = {"task": task, **dataclasses.asdict(cfg)}   # what config.json holds
         self.check_logdir()
         seed_everything(cfg.seed)
         self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed)
@@ -916,14 +917,14 @@ class Trainer:
             self.counters["next_train"] = seed_rows * cfg.action_repeat
         # Only now, with everything read back, is anything written to the logdir.
         self.logdir.mkdir(parents=True, exist_ok=True)
-        config = json.dumps({"task": task, **dataclasses.asdict(cfg)}, indent=1).encode()
+        config = json.dumps(self.config_record, indent=1).encode()
         save_atomically(self.logdir / "config.json", lambda f: f.write(config))
 
     # -- logdir, config and checkpoints -----------------------------------------------------
     def check_logdir(self):
         """A logdir belongs to one experiment: refuse to resume one with another config."""
         config_path = self.logdir / "config.json"
-        mine = {"task": self.task, **dataclasses.asdict(self.cfg)}
+        mine = self.config_record
         if config_path.exists():
             try:
                 theirs = json.loads(config_path.read_text())
