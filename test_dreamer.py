@@ -623,6 +623,26 @@ def test_real_environment_shapes_and_action_repeat():
     assert dones == [False] * 4 + [True] and env.steps == 10   # 5 agent steps × R = 10 env steps
 
 
+def test_small_shadow_map_is_applied_and_changes_few_pixels():
+    """--shadow_size is a renderer setting: the same scene, a few shadow-edge pixels differ."""
+    frames = {}
+    for size in (2048, 256):
+        env = d.make_env("reacher_easy", time_limit=10, seed=0, shadow_size=size)
+        assert env.env.physics.model.vis.quality.shadowsize == size
+        frames[size] = env.reset().astype(int)
+    diff = np.abs(frames[2048] - frames[256])
+    assert 0 < (diff.sum(0) > 0).mean() < 0.02 and diff.mean() < 0.5
+
+
+def test_bf16_without_native_support_warns(monkeypatch, capsys):
+    monkeypatch.setattr(d, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(d, "benchmark", lambda *a, **k: None)
+    assert d.main(["--precision", "bf16", "--benchmark", "--device", "cpu"]) == 0
+    assert "no native bfloat16" in capsys.readouterr().err
+    assert d.main(["--benchmark", "--device", "cpu"]) == 0     # fp32: nothing to warn about
+    assert capsys.readouterr().err == ""
+
+
 def test_flags_cover_every_config_field_and_presets_override():
     cfg, args = d.parse_args(["--preset", "tiny", "--batch_size", "3", "--lam", "0.5"])
     assert cfg.batch_size == 3 and cfg.lam == 0.5 and cfg.deter_size == d.PRESETS["tiny"]["deter_size"]
@@ -644,6 +664,8 @@ BAD_ARGS = [
     (["--lam", "1.5"], "must be ≤ 1"),
     (["--value_estimate", "magic"], "must be lambda or reward"),
     (["--precision", "fp8"], "must be fp32 or bf16"),
+    (["--shadow_size", "100000"], "--shadow_size must be at most 8192"),
+    (["--shadow_size", "0"], "--shadow_size must be > 0"),
     (["--seed", "-1"], "--seed must be in"),
     (["--actor_init_std", "nan"], "must be a finite number"),
     (["--time_limit", "5000", "--batch_length", "1000"], "longer than an episode of reacher_easy"),
