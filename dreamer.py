@@ -1107,6 +1107,60 @@ class Trainer:
 
 
 # ============================================================================================
+# Diagnostics: what does the world model see, and how far ahead?
+# ============================================================================================
+
+@torch.no_grad()
+def open_loop(wm, episode, start=0, length=50, context=5):
+    """[official code: its "openl" video summaries] Filter the first `context` frames of a replay
+    chunk with the posterior (Eq. 1, representation), then roll the prior forward on the
+    recorded actions alone, as imagination does (Eq. 1, transition), and decode every state.
+    Good reconstructions with poor open-loop frames or rewards mean the model cannot yet
+    predict, and behaviour learned in it is learned in a dream that reality does not keep.
+    episode: replay dict (obs uint8 [T+1, 3, 64, 64], action [T+1, A], reward [T+1]).
+    → dict of numpy arrays over the chunk's L = `length` rows: obs and model (uint8
+    [L, 3, 64, 64]), reward and reward_pred [L]; rows < context are reconstructions."""
+    device = next(wm.parameters()).device
+    chunk = {k: torch.as_tensor(np.asarray(v)[start:start + length], device=device)
+             for k, v in episode.items()}
+    L = len(chunk["reward"])
+    if not 0 < context < L:
+        raise UserError(f"an open-loop chunk needs more than {context} rows, got {L}")
+    embed = wm.encoder(preprocess(chunk["obs"][None, :context]))       # [1, C, E]
+    s = wm.rssm.observe(embed, chunk["action"][None, :context])         # posterior: [1, C, ·]
+    feats = [torch.cat([s["z"], s["h"]], -1)[0]]                        # s_0 … s_{C−1}: [C, F]
+    z, h = s["z"][:, -1], s["h"][:, -1]
+    for t in range(context, L):                                        # row t holds a_{t−1}
+        z, h = wm.rssm.imagine_step(z, h, chunk["action"][None, t])     # s_t ~ prior
+        feats.append(torch.cat([z, h], -1))
+    feat = torch.cat(feats, 0)                                          # [L, F]
+    image = ((wm.decoder(feat) + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # [L, 3, 64, 64]
+    return {"obs": chunk["obs"].cpu().numpy(), "model": image.cpu().numpy(),
+            "reward": chunk["reward"].cpu().numpy(),
+            "reward_pred": wm.reward(feat).cpu().numpy(), "context": context}
+
+
+def load_world_model(logdir, device="cpu"):
+    """The world model of a run's checkpoint: config.json + checkpoint.pt → (WorldModel, Config).
+    Raises UserError when either is missing or unreadable."""
+    logdir = Path(logdir)
+    try:
+        record = json.loads((logdir / "config.json").read_text())
+        names = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{k: v for k, v in record.items() if k in names})
+        state = torch.load(logdir / "checkpoint.pt", map_location=device, weights_only=False)
+        weights = state["world_model"]
+        action_dim = weights["rssm.img_in.weight"].shape[1] - cfg.stoch_size
+        wm = WorldModel(cfg, action_dim).to(device)
+        wm.load_state_dict(weights)
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"cannot load the world model of {logdir} ({type(e).__name__}: {why})"
+                        ) from None
+    return wm.eval(), cfg
+
+
+# ============================================================================================
 # Speed (not part of the algorithm): the same maths, computed faster
 # ============================================================================================
 

@@ -3,6 +3,11 @@
     python plot.py runs/reacher_easy-paper-s0                       # → runs/.../curves.png
     python plot.py runs/reacher_easy-cpu-s* --out curves.png        # several seeds, one plot
     python plot.py RUN --metric train/return                        # another logged metric
+    python plot.py RUN --openloop                                   # → RUN/openloop.png
+
+--openloop shows what the run's world model (its latest checkpoint) sees in one replay episode
+(default: the latest): 5 frames reconstructed from the images, then 45 predicted from the
+actions alone, as in imagination, next to the real frames, and predicted against real rewards.
 
 Each run is one line; with several runs of one task the mean ± std over runs (at the steps they
 share) is drawn too. Published Dreamer scores at 100k and 500k env steps are marked where known.
@@ -53,13 +58,74 @@ def load_run(run):
                   for k, v in series.items()}
 
 
+def draw_open_loop(run, episode, start, out):
+    """The world model's open-loop prediction of one replay chunk (dreamer.open_loop) as a PNG:
+    real frames, predicted frames, their difference, and real vs predicted rewards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import dreamer   # torch is only needed here, so it is imported only here
+    import torch
+    run = Path(run)
+    files = sorted((run / "episodes").glob("*.npz"))
+    try:
+        wm, cfg = dreamer.load_world_model(run)
+        path = files[episode]
+        with np.load(path) as data:
+            chunk = {k: data[k] for k in ("obs", "action", "reward")}
+        torch.manual_seed(0)
+        r = dreamer.open_loop(wm, chunk, start=start, length=50, context=5)
+    except IndexError:
+        raise SystemExit(f"plot.py: error: {run} has {len(files)} episode files; "
+                         f"--episode {episode} is not one of them") from None
+    except (dreamer.UserError, OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"plot.py: error: {e}") from None
+    L, C = len(r["reward"]), r["context"]
+    cols = np.linspace(0, L - 1, 10).round().astype(int)
+    fig = plt.figure(figsize=(12, 6.2))
+    grid = fig.add_gridspec(4, len(cols), height_ratios=[1, 1, 1, 1.4])
+    error = np.abs(r["obs"].astype(int) - r["model"].astype(int)).astype(np.uint8)
+    for row, (name, images) in enumerate([("real", r["obs"]), ("model", r["model"]),
+                                          ("|real − model|", error)]):
+        for col, t in enumerate(cols):
+            ax = fig.add_subplot(grid[row, col])
+            ax.imshow(images[t].transpose(1, 2, 0))
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"t={start + t}" + (" rec" if t < C else ""), fontsize=8)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=9)
+    ax = fig.add_subplot(grid[3, :])
+    steps = start + np.arange(L)
+    ax.plot(steps, r["reward"], label="real reward", color="black")
+    ax.plot(steps, r["reward_pred"], label="predicted reward", color="crimson")
+    ax.axvspan(start, start + C - 0.5, color="grey", alpha=0.2, label="seen images (context)")
+    ax.set_xlabel("agent step in the episode")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"{run.name}: {path.name}, {C} frames reconstructed, then open-loop "
+                 f"(world model at its latest checkpoint)", fontsize=10)
+    fig.tight_layout()
+    out = Path(out) if out else run / "openloop.png"
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="logdirs holding metrics.jsonl")
     p.add_argument("--metric", default="eval/return", help="metric to plot (default eval/return)")
     p.add_argument("--out", default=None, help="PNG path (default: RUN/curves.png for one run, "
                                                 "curves.png for several)")
+    p.add_argument("--openloop", action="store_true",
+                   help="draw the first run's open-loop world-model prediction instead")
+    p.add_argument("--episode", type=int, default=-1,
+                   help="with --openloop: index of the episode file (default -1, the latest)")
+    p.add_argument("--start", type=int, default=0,
+                   help="with --openloop: first agent step of the 50-step chunk (default 0)")
     args = p.parse_args(argv)
+    if args.openloop:
+        if args.start < 0:
+            raise SystemExit(f"plot.py: error: --start must be ≥ 0, got {args.start}")
+        return draw_open_loop(args.runs[0], args.episode, args.start, args.out)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_task = {}
     for run in args.runs:

@@ -819,3 +819,59 @@ def test_logdir_from_before_a_new_config_field_still_resumes(trained, tmp_path):
     n = len(list((logdir / "episodes").glob("*.npz")))
     proc = run_cli(*E2E, "--steps", str(200 * n + 200), "--logdir", str(logdir))
     assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stderr
+
+
+def test_open_loop_sees_images_only_in_its_context():
+    """The first C rows are filtered with the images; the rest are predicted from actions
+    alone: changing a later image changes nothing, changing a context image changes them."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    wm = d.WorldModel(cfg, action_dim=2)
+    rng = np.random.default_rng(0)
+    episode = {"obs": rng.integers(0, 256, (30, 3, 64, 64), dtype=np.uint8),
+               "action": rng.uniform(-1, 1, (30, 2)).astype(np.float32),
+               "reward": rng.normal(size=30).astype(np.float32)}
+
+    def run(ep):
+        torch.manual_seed(1)
+        return d.open_loop(wm, ep, start=2, length=20, context=5)
+
+    base = run(episode)
+    assert base["model"].shape == (20, 3, 64, 64) and base["model"].dtype == np.uint8
+    assert np.array_equal(base["obs"], episode["obs"][2:22])
+    assert base["reward_pred"].shape == (20,)
+    later = {**episode, "obs": episode["obs"].copy()}
+    later["obs"][10:] = 0                                    # rows 8+ of the chunk: not seen
+    out = run(later)
+    assert np.array_equal(out["model"], base["model"])
+    assert np.array_equal(out["reward_pred"], base["reward_pred"])
+    early = {**episode, "obs": episode["obs"].copy()}
+    early["obs"][4] = 255 - early["obs"][4]                  # row 2 of the chunk: in context
+    out = run(early)
+    assert not np.array_equal(out["model"][5:], base["model"][5:])
+    # The reconstructions are the decoded posterior states of RSSM.observe (same noise).
+    torch.manual_seed(1)
+    s = wm.rssm.observe(wm.encoder(d.preprocess(torch.as_tensor(episode["obs"][None, 2:7]))),
+                        torch.as_tensor(episode["action"][None, 2:7]))
+    with torch.no_grad():
+        rec = wm.decoder(torch.cat([s["z"], s["h"]], -1))[0]
+    rec = ((rec + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert np.abs(rec.astype(int) - base["model"][:5].astype(int)).max() <= 1
+
+
+def run_plot(*args):
+    return subprocess.run([sys.executable, str(HERE / "plot.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=HERE,
+                          env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")})
+
+
+def test_plot_draws_curves_and_open_loop_and_refuses_a_bare_folder(trained, tmp_path):
+    logdir = trained[0]
+    for extra, name in ([], "curves.png"), (["--openloop"], "openloop.png"):
+        proc = run_plot(str(logdir), *extra, "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    proc = run_plot(str(tmp_path), "--openloop")
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert err.startswith("plot.py: error:") and "\n" not in err
