@@ -55,6 +55,11 @@ class UserError(Exception):
     """Bad input from the command line or the logdir: main() prints it as one line, exit 2."""
 
 
+def one_line(error):
+    """An exception as 'Type: first line of its message', for one-line error reports."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 # ============================================================================================
 # Configuration. Defaults are the paper's / official code's values (the "paper" preset).
 # ============================================================================================
@@ -711,7 +716,7 @@ class ReplayBuffer:
                 with np.load(path) as data:
                     episode = {k: data[k] for k in ("obs", "action", "reward")}
             except Exception as e:
-                raise UserError(f"cannot read episode file {path} ({type(e).__name__}: {e}); "
+                raise UserError(f"cannot read episode file {path} ({one_line(e)}); "
                                 f"move it out of the way to resume without it") from None
             self.episodes.append(episode)
             if path.stem.isdigit():
@@ -977,8 +982,7 @@ class Trainer:
             self.env.random_state.set_state(state["env_rng"])
             self.eval_env.random_state.set_state(state["eval_env_rng"])
         except Exception as e:
-            raise UserError(f"cannot read checkpoint {self.checkpoint_path} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            raise UserError(f"cannot read checkpoint {self.checkpoint_path} ({one_line(e)}); "
                             f"move it away to start over, or use another --logdir") from None
 
     def log(self, step, metrics):
@@ -1154,9 +1158,7 @@ def load_world_model(logdir, device="cpu"):
         wm = WorldModel(cfg, action_dim).to(device)
         wm.load_state_dict(weights)
     except Exception as e:
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"cannot load the world model of {logdir} ({type(e).__name__}: {why})"
-                        ) from None
+        raise UserError(f"cannot load the world model of {logdir} ({one_line(e)})") from None
     return wm.eval(), cfg
 
 

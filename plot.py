@@ -67,7 +67,7 @@ def draw_open_loop(run, episode, start, out):
     run = Path(run)
     files = sorted((run / "episodes").glob("*.npz"))
     try:
-        wm, cfg = dreamer.load_world_model(run)
+        wm, _ = dreamer.load_world_model(run)
         path = files[episode]
         with np.load(path) as data:
             chunk = {k: data[k] for k in ("obs", "action", "reward")}
