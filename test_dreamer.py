@@ -643,6 +643,19 @@ def test_bf16_without_native_support_warns(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_cpu_preset_changes_only_compute_and_schedule():
+    # The cpu preset may shrink compute, never the algorithm: action repeat, pixels (fixed),
+    # sequence length, horizon, learning rates, discounts and loss terms stay the paper's.
+    cfg, args = d.parse_args(["--preset", "cpu"])
+    paper = d.Config()
+    changed = {f.name for f in dataclasses.fields(d.Config)
+               if getattr(cfg, f.name) != getattr(paper, f.name)}
+    assert changed == {"steps", "train_steps", "batch_size", "cnn_depth", "units", "shadow_size",
+                       "eval_episodes"}
+    assert cfg.steps == 100_000 and cfg.action_repeat == 2
+    assert args.logdir == os.path.join("runs", "reacher_easy-cpu-s0")
+
+
 def test_flags_cover_every_config_field_and_presets_override():
     cfg, args = d.parse_args(["--preset", "tiny", "--batch_size", "3", "--lam", "0.5"])
     assert cfg.batch_size == 3 and cfg.lam == 0.5 and cfg.deter_size == d.PRESETS["tiny"]["deter_size"]
