@@ -873,9 +873,11 @@ def rng_states():
 def set_rng_states(states):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    # torch.load(map_location=cuda) moves these ByteTensors to the GPU; the setters want them
+    # on the CPU.
+    torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 def fmt_time(seconds):

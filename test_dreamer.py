@@ -757,6 +757,18 @@ def test_second_run_resumes_where_the_first_stopped(trained):
     assert read_metrics(logdir) == after
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rng_states_survive_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    # A checkpoint is loaded with map_location=cuda, which moves the saved RNG ByteTensors to
+    # the GPU; resuming a GPU run failed on that until set_rng_states moved them back.
+    states = d.rng_states()
+    torch.save(states, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", map_location="cuda", weights_only=False)
+    assert loaded["torch"].device.type == "cuda"
+    d.set_rng_states(loaded)
+    assert torch.equal(torch.get_rng_state(), states["torch"])
+
+
 def test_same_seed_gives_same_first_losses(trained, tmp_path):
     _, _, metrics = trained
     proc = run_cli(*E2E, "--steps", "400", "--logdir", str(tmp_path / "again"))
