@@ -127,12 +127,12 @@ PRESETS = {
     "tiny": dict(steps=3000, seed_episodes=1, train_steps=5, batch_size=8, batch_length=16,
                  cnn_depth=4, deter_size=32, stoch_size=8, hidden_size=32, units=32,
                  horizon=5, eval_every=2000, checkpoint_every=2000),
-    # Sized by measurement for a 2-core CPU so that 100k env steps take under 2 hours (two
-    # such runs side by side, one thread each, on a 2-core AVX2 CPU: ~2.1 s per update,
-    # ~64 env steps/s collecting). Compute per 1000 env steps is 20 updates of 8×50 sequences,
-    # ~3% of the paper's 100 of 50×50; the networks are half as wide. Action repeat (2), 64×64
-    # pixels, horizon, learning rates and all loss terms are the paper's. README: "--preset cpu".
-    "cpu": dict(steps=100_000, train_steps=20, batch_size=8, cnn_depth=16, units=200,
+    # Sized by measurement for one run on a 2-core CPU, so that 100k env steps take under 2 hours
+    # (2-core AVX2 CPU, 2 threads: ~0.95 s per update, ~80 env steps/s collecting). Compute per
+    # 1000 env steps is 45 updates of 8×50 sequences, ~7% of the paper's 100 of 50×50; the
+    # networks are half as wide. Action repeat (2), 64×64 pixels, horizon, learning rates and
+    # all loss terms are the paper's. README: "--preset cpu".
+    "cpu": dict(steps=100_000, train_steps=45, batch_size=8, cnn_depth=16, units=200,
                 shadow_size=256, eval_episodes=5),
 }
 # Fields a resumed run may change; any other difference means a different experiment.
