@@ -128,7 +128,8 @@ PRESETS = {
                  cnn_depth=4, deter_size=32, stoch_size=8, hidden_size=32, units=32,
                  horizon=5, eval_every=2000, checkpoint_every=2000),
     # Sized by measurement for one run on a 2-core CPU, so that 100k env steps take under 2 hours
-    # (2-core AVX2 CPU, 2 threads: ~0.95 s per update, ~80 env steps/s collecting). Compute per
+    # (2-core AVX2 CPU, 2 threads: ~0.95 s per update, ~80 env steps/s collecting; a measured
+    # run on reacher_easy took 1 h 58 min, so this is the most 2 hours hold). Compute per
     # 1000 env steps is 45 updates of 8×50 sequences, ~7% of the paper's 100 of 50×50; the
     # networks are half as wide. Action repeat (2), 64×64 pixels, horizon, learning rates and
     # all loss terms are the paper's. README: "--preset cpu".
