@@ -149,8 +149,8 @@ def validate(cfg):
         if not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
         if f.name == "seed":
-            if not 0 <= v < 2 ** 32:
-                raise UserError(f"--seed must be in [0, 2³²), got {v}")
+            if not 0 <= v < 2 ** 32 - 20_000:   # the eval environments use seed + 10,000/20,000
+                raise UserError(f"--seed must be in [0, 2³² − 20,000), got {v}")
             continue
         if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std"):
             if v < 0:
@@ -1154,15 +1154,21 @@ def open_loop(wm, episode, start=0, length=50, context=5):
             "reward_pred": wm.reward(feat).cpu().numpy(), "context": context}
 
 
+def read_run(logdir, device="cpu"):
+    """A run folder's config.json and checkpoint.pt → (task, Config, checkpoint dict)."""
+    record = json.loads((Path(logdir) / "config.json").read_text())
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in record.items() if k in names})
+    state = torch.load(Path(logdir) / "checkpoint.pt", map_location=device, weights_only=False)
+    return record.get("task"), cfg, state
+
+
 def load_world_model(logdir, device="cpu"):
     """The world model of a run's checkpoint: config.json + checkpoint.pt → (WorldModel, Config).
     Raises UserError when either is missing or unreadable."""
     logdir = Path(logdir)
     try:
-        record = json.loads((logdir / "config.json").read_text())
-        names = {f.name for f in dataclasses.fields(Config)}
-        cfg = Config(**{k: v for k, v in record.items() if k in names})
-        state = torch.load(logdir / "checkpoint.pt", map_location=device, weights_only=False)
+        _, cfg, state = read_run(logdir, device)
         weights = state["world_model"]
         action_dim = weights["rssm.img_in.weight"].shape[1] - cfg.stoch_size
         wm = WorldModel(cfg, action_dim).to(device)
@@ -1170,6 +1176,46 @@ def load_world_model(logdir, device="cpu"):
     except Exception as e:
         raise UserError(f"cannot load the world model of {logdir} ({one_line(e)})") from None
     return wm.eval(), cfg
+
+
+def evaluate_run(logdir, episodes=None, device="cpu"):
+    """python dreamer.py --evaluate RUN: the policy of a run's last checkpoint, evaluated as
+    during training (its mode, no exploration noise) on `episodes` new episodes (default: the
+    run's eval_episodes). A run's own evaluations use few episodes, and on tasks where an episode
+    mostly succeeds or mostly fails (reacher: the fingertip sits in the target or never reaches
+    it) their mean swings by hundreds; this measures one checkpoint as precisely as asked.
+    Initial states come from seed + 20,000, a stream that neither the run's training (seed) nor
+    its evaluations (seed + 10,000) used. Writes nothing. → the list of returns."""
+    try:
+        task, cfg, state = read_run(logdir, device)
+        env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + 20_000,
+                       shadow_size=cfg.shadow_size)
+        agent = Dreamer(cfg, env.action_dim, device)
+        for name, module in agent.modules().items():
+            module.load_state_dict(state[name])
+        updates, last = state["counters"]["updates"], state["last"]["eval/return"]
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot load the run in {logdir} ({one_line(e)})") from None
+    episodes = episodes or cfg.eval_episodes
+    # The action is the policy's mode, but act() still samples z_t from the posterior (Eq. 1):
+    # seeding torch makes the numbers repeatable (on one device).
+    seed_everything(cfg.seed + 20_000)
+    print(f"evaluating {logdir}: {task}, checkpoint after {updates} updates (its last evaluation "
+          f"in training: {last:.1f}); {episodes} episodes, policy mode", flush=True)
+    returns = []
+    for i in range(episodes):
+        _, ret = run_episode(env, lambda obs, s: agent.act(obs, s, explore=False))
+        returns.append(float(ret))
+        print(f"  episode {i + 1}/{episodes}: return {ret:.1f}", flush=True)
+    mean, std = float(np.mean(returns)), float(np.std(returns))    # std: np.std, ddof = 0
+    sem = std / math.sqrt(episodes)                                  # standard error of the mean
+    print(f"eval return {mean:.1f} over {episodes} episodes (standard error {sem:.1f}; "
+          f"std across episodes {std:.1f})")
+    print(json.dumps({"returns": returns, "mean": mean, "std": std, "sem": sem,
+                      "updates": updates}), flush=True)
+    return returns
 
 
 # ============================================================================================
@@ -1367,16 +1413,20 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = _Parser(description="Dreamer (Hafner et al., ICLR 2020) on DeepMind Control from pixels.")
-    p.add_argument("--env", default="reacher_easy",
+    # --env and --preset default to None so that --evaluate can tell that they were given.
+    p.add_argument("--env", default=None,
                    help="DMC task as domain_task, e.g. reacher_easy or cup_catch "
-                        "(default: %(default)s)")
-    p.add_argument("--preset", default="paper",
-                   help=f"named configuration: {', '.join(PRESETS)} (default: %(default)s); "
+                        "(default: reacher_easy)")
+    p.add_argument("--preset", default=None,
+                   help=f"named configuration: {', '.join(PRESETS)} (default: paper); "
                         f"flags below override it")
     p.add_argument("--logdir", default=None, help="run folder (default: runs/ENV-PRESET-sSEED)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--benchmark", action="store_true",
                    help="time updates and collection at the chosen config, print JSON, exit")
+    p.add_argument("--evaluate", metavar="RUN", default=None,
+                   help="evaluate the policy in RUN's checkpoint on --eval_episodes new "
+                        "episodes (default: the run's own number), print the returns, exit")
     for f in dataclasses.fields(Config):
         # default=None so we can tell a flag the user gave from one the preset should set.
         p.add_argument(f"--{f.name}", type=f.type,
@@ -1387,6 +1437,19 @@ def build_parser():
 def parse_args(argv=None):
     """→ (cfg, args). Preset first, then explicit flags; raises UserError on bad input."""
     args = build_parser().parse_args(argv)
+    if args.evaluate is not None:
+        # The run's config.json decides everything but the number of episodes and the device.
+        extra = [f"--{k}" for k in ("env", "preset", "logdir") if getattr(args, k) is not None]
+        extra += [f"--{f.name}" for f in dataclasses.fields(Config)
+                  if getattr(args, f.name) is not None and f.name != "eval_episodes"]
+        extra += ["--benchmark"] * args.benchmark
+        if not args.evaluate:
+            raise UserError("--evaluate needs a run folder")
+        if extra:
+            raise UserError(f"--evaluate takes only --eval_episodes and --device besides (the "
+                            f"run's config.json decides the rest), not {' '.join(extra)}")
+    args.env = "reacher_easy" if args.env is None else args.env
+    args.preset = "paper" if args.preset is None else args.preset
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
     values = dict(PRESETS[args.preset])
@@ -1407,7 +1470,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Train (or resume) a run. Returns the exit status: 0 done, 2 bad input, 130 interrupted."""
+    """Train (or resume) a run, or --benchmark, or --evaluate RUN. Returns the exit status:
+    0 done, 2 bad input, 130 interrupted."""
     try:
         cfg, args = parse_args(argv)
         if cfg.precision == "bf16" and not bf16_is_native(torch.device(args.device)):
@@ -1416,6 +1480,9 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
         if args.benchmark:
             benchmark(cfg, args.env, args.device)
+            return 0
+        if args.evaluate is not None:
+            evaluate_run(args.evaluate, args.eval_episodes, args.device)
             return 0
         trainer = Trainer(cfg, args.env, args.logdir, args.device)
         agent = trainer.agent
@@ -1431,8 +1498,7 @@ def main(argv=None):
         print(f"dreamer.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted before training started; no checkpoint or episode was written",
-              file=sys.stderr)
+        print("\ninterrupted; no checkpoint or episode was written", file=sys.stderr)
         return 130
 
 

@@ -678,6 +678,7 @@ BAD_ARGS = [
     (["--value_estimate", "magic"], "must be lambda or reward"),
     (["--precision", "fp8"], "must be fp32 or bf16"),
     (["--shadow_size", "100000"], "--shadow_size must be at most 8192"),
+    (["--seed", str(2 ** 32 - 1)], "--seed must be in"),
     (["--shadow_size", "0"], "--shadow_size must be > 0"),
     (["--seed", "-1"], "--seed must be in"),
     (["--actor_init_std", "nan"], "must be a finite number"),
@@ -779,6 +780,58 @@ def test_same_seed_gives_same_first_losses(trained, tmp_path):
         assert a[key] == b[key], key
     assert [m.get("train/return") for m in metrics[:2]] == \
         [m.get("train/return") for m in read_metrics(tmp_path / "again")[:2]]
+
+
+def test_evaluate_runs_the_checkpoints_policy_mode_and_writes_nothing(trained, monkeypatch):
+    logdir = trained[0]
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in logdir.rglob("*")}
+    proc = run_cli("--evaluate", str(logdir), "--eval_episodes", "2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert len(result["returns"]) == 2 and sum(s.startswith("  episode ") for s in lines) == 2
+    assert result["mean"] == pytest.approx(np.mean(result["returns"]))
+    checkpoint = torch.load(logdir / "checkpoint.pt", weights_only=False)
+    assert result["updates"] == checkpoint["counters"]["updates"]
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in logdir.rglob("*")} == before
+    # In this process, with spies: the checkpoint's actor and world model act, every action is
+    # the policy's mode (explore=False), the episodes come from seed + 20,000, and a second
+    # evaluation repeats the first action for action.
+    seeds, agents, steps, act, make_env = [], [], [], d.Dreamer.act, d.make_env
+
+    def spy_make_env(*a, seed, **k):
+        seeds.append(seed)
+        return make_env(*a, seed=seed, **k)
+
+    def spy_act(self, obs, state, explore):
+        agents.append(self)
+        action, state = act(self, obs, state, explore)
+        steps.append((explore, action.copy()))
+        return action, state
+
+    monkeypatch.setattr(d, "make_env", spy_make_env)
+    monkeypatch.setattr(d.Dreamer, "act", spy_act)
+    assert d.evaluate_run(logdir, 2) == result["returns"]
+    first, steps[:] = list(steps), []
+    assert d.evaluate_run(logdir, 2) == result["returns"]
+    assert len(first) == len(steps) == 200                      # 2 episodes × 100 agent steps
+    assert not any(explore for explore, _ in first + steps)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(first, steps))
+    assert seeds == [3 + 20_000] * 2
+    for name in ("actor", "world_model"):
+        mine = getattr(agents[0], name).state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in checkpoint[name].items())
+
+
+def test_evaluate_refuses_a_missing_run_and_flags_it_would_ignore(capsys):
+    for argv, message in [(["--evaluate", "no/such/run"], "cannot load the run in no/such/run"),
+                          (["--evaluate", ""], "--evaluate needs a run folder"),
+                          (["--evaluate", "r", "--seed", "1", "--env", "cartpole_swingup"],
+                           "(the run's config.json decides the rest), not --env --seed"),
+                          (["--evaluate", "r", "--benchmark"], "not --benchmark")]:
+        assert d.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dreamer.py: error:") and message in err and "\n" not in err, err
 
 
 def test_corrupt_checkpoint_and_episode_give_clear_error_and_destroy_nothing(trained, tmp_path):
