@@ -136,6 +136,9 @@ PRESETS = {
     "cpu": dict(steps=100_000, train_steps=45, batch_size=8, cnn_depth=16, units=200,
                 shadow_size=256, eval_episodes=5),
 }
+# Environment seeds: training uses seed, the run's evaluations seed + EVAL_SEED_OFFSET and
+# --evaluate seed + REEVAL_SEED_OFFSET, so that the three streams of initial states never meet.
+EVAL_SEED_OFFSET, REEVAL_SEED_OFFSET = 10_000, 20_000
 # Fields a resumed run may change; any other difference means a different experiment.
 RESUMABLE_FIELDS = {"steps", "eval_every", "eval_episodes", "checkpoint_every"}
 
@@ -149,7 +152,7 @@ def validate(cfg):
         if not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
         if f.name == "seed":
-            if not 0 <= v < 2 ** 32 - 20_000:   # the eval environments use seed + 10,000/20,000
+            if not 0 <= v < 2 ** 32 - REEVAL_SEED_OFFSET:   # room for the eval seeds
                 raise UserError(f"--seed must be in [0, 2³² − 20,000), got {v}")
             continue
         if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std"):
@@ -925,8 +928,8 @@ class Trainer:
                             f"{task} ({rows} rows: the task ends after "
                             f"{self.env.max_env_steps} env steps)")
         # A separate environment for evaluation, so evaluating leaves training's RNG alone.
-        self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + 10_000,
-                                 shadow_size=cfg.shadow_size)
+        self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit,
+                                 seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size)
         self.agent = Dreamer(cfg, self.env.action_dim, device)
         self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed)
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
@@ -1188,8 +1191,8 @@ def evaluate_run(logdir, episodes=None, device="cpu"):
     its evaluations (seed + 10,000) used. Writes nothing. → the list of returns."""
     try:
         task, cfg, state = read_run(logdir, device)
-        env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + 20_000,
-                       shadow_size=cfg.shadow_size)
+        env = make_env(task, cfg.action_repeat, cfg.time_limit,
+                       seed=cfg.seed + REEVAL_SEED_OFFSET, shadow_size=cfg.shadow_size)
         agent = Dreamer(cfg, env.action_dim, device)
         for name, module in agent.modules().items():
             module.load_state_dict(state[name])
@@ -1201,7 +1204,7 @@ def evaluate_run(logdir, episodes=None, device="cpu"):
     episodes = episodes or cfg.eval_episodes
     # The action is the policy's mode, but act() still samples z_t from the posterior (Eq. 1):
     # seeding torch makes the numbers repeatable (on one device).
-    seed_everything(cfg.seed + 20_000)
+    seed_everything(cfg.seed + REEVAL_SEED_OFFSET)
     print(f"evaluating {logdir}: {task}, checkpoint after {updates} updates (its last evaluation "
           f"in training: {last:.1f}); {episodes} episodes, policy mode", flush=True)
     returns = []
