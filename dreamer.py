@@ -110,6 +110,8 @@ class Config:
     actor_mean_scale: float = _f(5.0, "mean = s·tanh(μ/s) bounds the actor's mean [official]")
     actor_init_std: float = _f(5.0, "actor std at initialisation [official code]")
     actor_min_std: float = _f(1e-4, "floor on the actor's std [official code]")
+    actor_entropy: float = _f(0.0, "η: weight of an entropy bonus in the actor loss (not in "
+                                   "the paper, which has 0; DreamerV2 uses 1e-4)")
     expl_noise: float = _f(0.3, "std of Gaussian noise added to actions while collecting (paper)")
     # Evaluation, checkpoints, seeding.
     eval_every: int = _f(10_000, "env steps between evaluations (10k, 20k, …; official: 10k apart)")
@@ -155,7 +157,8 @@ def validate(cfg):
             if not 0 <= v < 2 ** 32 - REEVAL_SEED_OFFSET:   # room for the eval seeds
                 raise UserError(f"--seed must be in [0, 2³² − 20,000), got {v}")
             continue
-        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std"):
+        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std",
+                      "actor_entropy"):
             if v < 0:
                 raise UserError(f"--{f.name} must be ≥ 0, got {v}")
         elif v <= 0:
@@ -572,7 +575,13 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0)
     weights = weights.detach()
     loss = -(weights * returns).mean()
-    metrics = {"actor/loss": loss, "actor/entropy": -log_probs.detach().mean(),
+    # Not in the paper (default η = 0): −η·E[H], H ≈ −ln q_φ(a_τ | s_τ) from the one sample
+    # (as in DreamerV2). Once tanh saturates (|μ| ≫ 1), ∂a/∂μ = 1 − tanh²u ≈ 0 and the return
+    # no longer moves μ, but ∂H/∂u = 2·tanh u does not vanish, so this pulls the actor back
+    # (though the bound μ = 5·tanh(·/5) can saturate too; README: "Is the actor stuck?").
+    entropy = -log_probs.mean()                                      # over [H, N]
+    loss = loss - cfg.actor_entropy * entropy
+    metrics = {"actor/loss": loss, "actor/entropy": entropy.detach(),
                "behaviour/imagined_reward": reward.detach().mean(),
                "behaviour/return": returns.detach().mean()}
     return loss, feats, returns, weights, metrics

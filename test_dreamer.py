@@ -456,6 +456,38 @@ def test_actor_step_increases_the_objective_of_eq7(agent_and_start):
     assert objective() > before
 
 
+def test_entropy_bonus_is_off_by_default_and_pulls_a_saturated_actor_back(agent_and_start):
+    """--actor_entropy η (not in the paper; default 0) subtracts η·E[−ln q_φ(a_τ | s_τ)] from the
+    actor loss. At saturation (tanh u ≈ ±1) the return's gradient on the mean vanishes; the
+    bonus's does not, and points back toward the middle of the action range."""
+    agent, z, h = agent_and_start
+    assert agent.cfg.actor_entropy == 0
+    last = agent.actor.net[-1]
+    A = last.out_features // 2
+    with torch.no_grad():                      # μ = 5·tanh(20/5) ≈ 5, σ ≈ 10⁻⁴ for every state
+        last.weight.zero_()
+        last.bias[:A], last.bias[A:] = 20.0, -20.0
+
+    def loss_and_mean_grad(eta):
+        cfg = dataclasses.replace(agent.cfg, actor_entropy=eta)
+        agent.actor.zero_grad()
+        torch.manual_seed(3)                   # the same imagination noise each time
+        loss, _, _, _, metrics = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h,
+                                              cfg)
+        loss.backward()
+        return loss.detach(), metrics["actor/entropy"], last.bias.grad[:A].clone()
+
+    torch.manual_seed(3)
+    _, log_probs = d.imagine(agent.world_model, agent.actor, z.reshape(-1, z.shape[-1]),
+                             h.reshape(-1, h.shape[-1]), agent.cfg.horizon)
+    loss0, entropy, grad0 = loss_and_mean_grad(0.0)
+    torch.testing.assert_close(entropy, -log_probs.detach().mean())     # H ≈ −ln q, one sample
+    loss1, _, grad1 = loss_and_mean_grad(1e-2)
+    torch.testing.assert_close(loss1, loss0 - 1e-2 * entropy)
+    assert grad0.abs().max() < 1e-6                                     # saturated: no signal
+    assert (grad1 > 0).all() and grad1.min() > 100 * grad0.abs().max()  # descent lowers μ
+
+
 def test_gradients_are_clipped_and_do_not_accumulate(agent_and_start):
     agent, z, h = agent_and_start
     agent.cfg = dataclasses.replace(agent.cfg, grad_clip=1e-3)
@@ -682,6 +714,7 @@ BAD_ARGS = [
     (["--shadow_size", "0"], "--shadow_size must be > 0"),
     (["--seed", "-1"], "--seed must be in"),
     (["--actor_init_std", "nan"], "must be a finite number"),
+    (["--actor_entropy", "-0.1"], "--actor_entropy must be ≥ 0"),
     (["--time_limit", "5000", "--batch_length", "1000"], "longer than an episode of reacher_easy"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
 ]
