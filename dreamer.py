@@ -155,7 +155,7 @@ def validate(cfg):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
         if f.name == "seed":
             if not 0 <= v < 2 ** 32 - REEVAL_SEED_OFFSET:   # room for the eval seeds
-                raise UserError(f"--seed must be in [0, 2³² − 20,000), got {v}")
+                raise UserError(f"--seed must be in [0, 2³² − {REEVAL_SEED_OFFSET:,}), got {v}")
             continue
         if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std",
                       "actor_entropy"):
