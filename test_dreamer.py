@@ -734,7 +734,7 @@ def test_bad_input_gives_one_clear_line(argv, message, capsys, tmp_path):
 
 # Tiny networks and 100-step episodes (200 env steps) keep each run to seconds.
 E2E = ["--env", "reacher_easy", "--preset", "tiny", "--time_limit", "200", "--train_every", "200",
-       "--eval_every", "400", "--checkpoint_every", "400", "--seed", "3"]
+       "--eval_every", "400", "--checkpoint_every", "400", "--seed", "3", "--device", "cpu"]
 
 
 def run_cli(*args, timeout=300):
@@ -801,6 +801,20 @@ def test_rng_states_survive_a_checkpoint_loaded_onto_the_gpu(tmp_path):
     assert loaded["torch"].device.type == "cuda"
     d.set_rng_states(loaded)
     assert torch.equal(torch.get_rng_state(), states["torch"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_run_trains_resumes_and_evaluates_on_the_gpu(tmp_path):
+    # The end-to-end tests above run on the CPU (bitwise repeatable); this one is the GPU's path.
+    gpu = [a if a != "cpu" else "cuda" for a in E2E] + ["--logdir", str(tmp_path / "run")]
+    for steps in ("400", "600"):
+        proc = run_cli(*gpu, "--steps", steps)
+        assert proc.returncode == 0 and "device cuda" in proc.stdout, proc.stderr
+    assert "resuming from" in proc.stdout
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/return" in m] == \
+        [200, 400, 600]
+    proc = run_cli("--evaluate", str(tmp_path / "run"), "--eval_episodes", "1", "--device", "cuda")
+    assert proc.returncode == 0 and len(json.loads(proc.stdout.splitlines()[-1])["returns"]) == 1
 
 
 def test_same_seed_gives_same_first_losses(trained, tmp_path):
