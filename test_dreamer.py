@@ -806,7 +806,7 @@ def test_rng_states_survive_a_checkpoint_loaded_onto_the_gpu(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_run_trains_resumes_and_evaluates_on_the_gpu(tmp_path):
     # The end-to-end tests above run on the CPU (bitwise repeatable); this one is the GPU's path.
-    gpu = [a if a != "cpu" else "cuda" for a in E2E] + ["--logdir", str(tmp_path / "run")]
+    gpu = [*E2E, "--device", "cuda", "--logdir", str(tmp_path / "run")]   # the last --device wins
     for steps in ("400", "600"):
         proc = run_cli(*gpu, "--steps", steps)
         assert proc.returncode == 0 and "device cuda" in proc.stdout, proc.stderr
