@@ -578,8 +578,8 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     # Not in the paper (default η = 0): −η·E[H], H ≈ −ln q_φ(a_τ | s_τ) from the one sample
     # (as in DreamerV2). Once tanh saturates (|μ| ≫ 1), ∂a/∂μ = 1 − tanh²u ≈ 0 and the return
     # no longer moves μ, but ∂H/∂u = 2·tanh u does not vanish, so this pulls the actor back
-    # (though the bound μ = s·tanh(·/s), s = actor_mean_scale, can saturate too; README: "Is
-    # the actor stuck?").
+    # (though the bound μ = s·tanh(·/s), s = actor_mean_scale, can saturate too;
+    # results/README.md: "Is the actor stuck?").
     entropy = -log_probs.mean()                                      # over [H, N]
     loss = loss - cfg.actor_entropy * entropy
     metrics = {"actor/loss": loss, "actor/entropy": entropy.detach(),
