@@ -415,8 +415,10 @@ class Actor(nn.Module):
         return mean, std
 
     def forward(self, feat, sample=True):
-        """Return (action, log q_φ(action | s)); sample=False gives tanh(μ), the policy mode
-        used for evaluation (the official code estimates the mode from 100 samples)."""
+        """Return (action, log q_φ(action | s)); sample=False gives tanh(μ), the deterministic
+        action used for evaluation: the pre-tanh Gaussian's mode pushed through tanh, which is
+        the squashed distribution's median (its mode too once σ is small; the official code
+        keeps the most likely of 100 samples instead)."""
         mean, std = self.dist_params(feat)
         u = mean + std * torch.randn_like(std) if sample else mean   # (Eq. 3) pre-tanh sample
         action = torch.tanh(u)
@@ -511,7 +513,8 @@ def frozen(*modules):
 
 
 def world_model_loss(wm, batch, cfg):
-    """(Eq. 10) J_REC = E[Σ_t (J_O^t + J_R^t + J_D^t)], maximised; we minimise its negative.
+    """(Eq. 10) J_REC = E[Σ_t (J_O^t + J_R^t + J_D^t)], maximised; we minimise its negative,
+    [official code] averaged over the L steps instead of summed (so free nats count per step).
     batch: obs uint8 [B, L, 3, 64, 64], action [B, L, A] (a_{t−1}), reward [B, L] (r_t).
     Returns (loss, metrics, posterior states z [B, L, Z] and h [B, L, D])."""
     obs = preprocess(batch["obs"])                                  # [B, L, 3, 64, 64]
@@ -577,7 +580,7 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     loss = -(weights * returns).mean()
     # Not in the paper (default η = 0): −η·E[H], H ≈ −ln q_φ(a_τ | s_τ) from the one sample
     # (as in DreamerV2). Once tanh saturates (|μ| ≫ 1), ∂a/∂μ = 1 − tanh²u ≈ 0 and the return
-    # no longer moves μ, but ∂H/∂u = 2·tanh u does not vanish, so this pulls the actor back
+    # no longer moves μ, but ∂(−η·H)/∂u = 2η·tanh u does not vanish, so this pulls u back
     # (though the bound μ = s·tanh(·/s), s = actor_mean_scale, can saturate too;
     # results/README.md: "Is the actor stuck?").
     entropy = -log_probs.mean()                                      # over [H, N]
@@ -590,7 +593,8 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
 
 def value_loss(value_model, feats, returns, weights):
     """(Eq. 8) min_ψ E[Σ_τ ½‖v_ψ(s_τ) − V_λ(s_τ)‖²], with the target V_λ gradient-stopped and
-    the states detached: the value loss trains ψ alone. feats [H, N, F], returns [H−1, N]."""
+    the states detached: the value loss trains ψ alone. [official code] Step τ weighted by
+    w_τ = γ^(τ−1), and averaged where Eq. 8 sums. feats [H, N, F], returns [H−1, N]."""
     v = value_model(feats[:-1].detach())                             # [H−1, N]
     target = returns.detach()                                        # sg(V_λ)
     loss = (weights * 0.5 * (v - target) ** 2).mean()
