@@ -436,8 +436,8 @@ def test_actor_sees_detached_states_and_first_imagined_state_follows_first_actio
 def test_actor_loss_targets_lambda_returns_of_its_own_imagination(agent_and_start):
     agent, z, h = agent_and_start
     cfg = agent.cfg
-    loss, feats, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value,
-                                                    z, h, cfg)
+    loss, feats, returns, _, _ = d.actor_loss(agent.world_model, agent.actor, agent.value,
+                                              z, h, cfg)
     H, g, N = cfg.horizon, cfg.discount, feats.shape[1]
     with torch.no_grad():
         r, v = agent.world_model.reward(feats), agent.value(feats)     # s_1 … s_H: [H, N]
