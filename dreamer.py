@@ -131,10 +131,11 @@ PRESETS = {
                  horizon=5, eval_every=2000, checkpoint_every=2000),
     # Sized by measurement for one run on a 2-core CPU, so that 100k env steps take under 2 hours
     # (2-core AVX2 CPU, 2 threads: ~0.95 s per update, ~80 env steps/s collecting; a measured
-    # run on reacher_easy took 1 h 58 min, so this is the most 2 hours hold). Compute per
-    # 1000 env steps is 45 updates of 8×50 sequences, ~7% of the paper's 100 of 50×50; the
-    # networks are half as wide. Action repeat (2), 64×64 pixels, horizon, learning rates and
-    # all loss terms are the paper's. README: "--preset cpu".
+    # run on reacher_easy took 1 h 58 min, so this is the most 2 hours hold; on a 2-core AVX-512
+    # CPU, 1 h 21 min; twice the updates learned no more in one seed: README "Does it learn?").
+    # Compute per 1000 env steps is 45 updates of 8×50 sequences, ~7% of the paper's 100 of
+    # 50×50; the networks are half as wide. Action repeat (2), 64×64 pixels, horizon, learning
+    # rates and all loss terms are the paper's. README: "--preset cpu".
     "cpu": dict(steps=100_000, train_steps=45, batch_size=8, cnn_depth=16, units=200,
                 shadow_size=256, eval_episodes=5),
 }
