@@ -55,6 +55,21 @@ class UserError(Exception):
     """Bad input from the command line or the logdir: main() prints it as one line, exit 2."""
 
 
+class RunError(Exception):
+    """A fault during a run (the simulator failed, training diverged, a write failed, memory ran
+    out): main() prints it as one line, exit 1. The message says what was kept on disk."""
+
+
+class SimulatorError(RunError):
+    """MuJoCo's physics became invalid (dm_control's PhysicsError) or was sent a non-finite
+    action. The models are still sound, so a run saves its checkpoint before stopping."""
+
+
+class Diverged(RunError):
+    """A loss or gradient norm became NaN or ±inf: the models are no longer sound, so nothing is
+    saved after the last checkpoint."""
+
+
 def one_line(error):
     """An exception as 'Type: first line of its message', for one-line error reports."""
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
@@ -147,7 +162,8 @@ RESUMABLE_FIELDS = {"steps", "eval_every", "eval_episodes", "checkpoint_every"}
 
 
 def validate(cfg):
-    """Raise UserError for values that cannot work, so that a run never starts with them."""
+    """Raise UserError for values that cannot work, so that a run never starts with them. The
+    checks that need the task (its episode length) are in check_task_fits."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if f.name in ("precision", "value_estimate"):
@@ -172,9 +188,37 @@ def validate(cfg):
         raise UserError(f"--shadow_size must be at most 8192, got {cfg.shadow_size}")
     if cfg.discount > 1 or cfg.lam > 1:
         raise UserError(f"--discount and --lam must be ≤ 1, got {cfg.discount} and {cfg.lam}")
+    if cfg.horizon < 2:
+        # Eq. 6 gives returns for s_1 … s_{H−1} and bootstraps from v(s_H): H = 1 leaves no
+        # imagined step for the actor or the value model to learn from.
+        raise UserError(f"--horizon must be ≥ 2 (Eq. 6 needs a step before the bootstrap "
+                        f"v(s_H)), got {cfg.horizon}")
+    if cfg.time_limit % cfg.action_repeat:
+        # Env steps are counted as agent steps × R; a last action repeated fewer than R times
+        # would break that count (and the episode's row count).
+        raise UserError(f"--time_limit {cfg.time_limit} must be a multiple of --action_repeat "
+                        f"{cfg.action_repeat}")
     if cfg.batch_length > cfg.time_limit // cfg.action_repeat + 1:
         raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode "
                         f"({cfg.time_limit // cfg.action_repeat + 1} rows)")
+
+
+def check_task_fits(cfg, task, max_env_steps):
+    """The checks of `validate` that need the task's own episode length (env steps, at most
+    time_limit): a batch must fit in an episode, R must divide it, and --steps must reach past
+    the seed episodes, or the run would end without a single update. Raises UserError."""
+    rows = max_env_steps // cfg.action_repeat + 1
+    if max_env_steps % cfg.action_repeat:
+        raise UserError(f"{task} ends after {max_env_steps} env steps, not a multiple of "
+                        f"--action_repeat {cfg.action_repeat}")
+    if cfg.batch_length > rows:
+        raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode of "
+                        f"{task} ({rows} rows: the task ends after {max_env_steps} env steps)")
+    seeding = cfg.seed_episodes * max_env_steps
+    if cfg.steps <= seeding:
+        raise UserError(f"--steps {cfg.steps} ends with the random seed episodes (S = "
+                        f"{cfg.seed_episodes}, {seeding} env steps), before the first update; raise "
+                        f"--steps above {seeding} or lower --seed_episodes")
 
 
 # ============================================================================================
@@ -701,15 +745,20 @@ def count_parameters(module):
 # ============================================================================================
 
 def save_atomically(path, write):
-    """Write to a temporary file beside `path`, then rename: a crash or Ctrl-C mid-write leaves
-    the previous file intact, never a half-written one."""
+    """Write to a temporary file PATH.tmp beside `path`, then rename: a crash, a kill or a full
+    disk mid-write leaves the previous file intact, never a half-written one. A failed write
+    removes its temporary file; one left by a kill is removed when the run resumes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ReplayBuffer:
@@ -773,12 +822,19 @@ class ReplayBuffer:
 # ============================================================================================
 
 TASK_ALIASES = {"cup_catch": ("ball_in_cup", "catch")}   # the paper's name for ball_in_cup_catch
+# DMC domains whose tasks this agent cannot run, with the reason: refused by name, up front.
+UNSUPPORTED_DOMAINS = {
+    "lqr": "its actions are unbounded (±1e10) and it has no time limit, while the actor's "
+           "tanh-squashed actions in [−1, 1] are scaled onto a task's bounds",
+}
 
 
 def all_tasks():
-    """Every valid --env name: 'domain_task' for each DMC suite task, plus the paper's aliases."""
+    """Every valid --env name: 'domain_task' for each DMC suite task this agent can run, plus
+    the paper's aliases."""
     from dm_control import suite
-    return sorted({f"{d}_{t}" for d, t in suite.ALL_TASKS} | set(TASK_ALIASES))
+    return sorted({f"{d}_{t}" for d, t in suite.ALL_TASKS if d not in UNSUPPORTED_DOMAINS}
+                  | set(TASK_ALIASES))
 
 
 def parse_task(name):
@@ -792,6 +848,9 @@ def parse_task(name):
     from dm_control import suite
     for domain, task in suite.ALL_TASKS:
         if f"{domain}_{task}" == name:
+            if domain in UNSUPPORTED_DOMAINS:
+                raise UserError(f"{name} cannot be run by this agent: "
+                                f"{UNSUPPORTED_DOMAINS[domain]}")
             return domain, task
     raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(all_tasks())}")
 
@@ -805,6 +864,8 @@ class DMCEnv:
     def __init__(self, task, action_repeat=2, time_limit=1000, size=64, seed=0,
                  shadow_size=2048):
         from dm_control import suite
+        from dm_control.rl.control import PhysicsError
+        self.task, self.physics_error = task, PhysicsError
         domain, name = parse_task(task)
         self.env = suite.load(domain, name, task_kwargs={"random": seed})
         # speed, opt-in (--shadow_size): the software renderer spends most of a 64x64 frame on
@@ -825,16 +886,30 @@ class DMCEnv:
         return np.ascontiguousarray(image.transpose(2, 0, 1))   # [H, W, 3] → [3, H, W]
 
     def reset(self):
-        self.env.reset()
         self.steps = 0
+        try:
+            self.env.reset()
+        except self.physics_error as e:
+            raise SimulatorError(f"the simulator failed to reset {self.task} "
+                                 f"({one_line(e)})") from None
         return self.render()
 
     def step(self, action):
-        # Map [−1, 1] to the task's action bounds (all DMC tasks use [−1, 1] already).
-        action = self.low + (np.asarray(action, np.float64) + 1) / 2 * (self.high - self.low)
+        """Raises SimulatorError, with the episode's env step, for a non-finite action (nothing
+        non-finite reaches MuJoCo) or when MuJoCo finds its physics state invalid."""
+        action = np.asarray(action, np.float64)
+        if not np.isfinite(action).all():
+            raise SimulatorError(f"the policy sent a non-finite action {action.tolist()} to "
+                                 f"{self.task} at env step {self.steps} of an episode")
+        # Map [−1, 1] to the task's action bounds (nearly all DMC tasks use [−1, 1] already).
+        action = self.low + (action + 1) / 2 * (self.high - self.low)
         reward, done = 0.0, False
         for _ in range(self.action_repeat):
-            ts = self.env.step(action)
+            try:
+                ts = self.env.step(action)
+            except self.physics_error as e:
+                raise SimulatorError(f"the simulator failed on {self.task} at env step "
+                                     f"{self.steps} of an episode ({one_line(e)})") from None
             reward += ts.reward or 0.0
             self.steps += 1
             done = ts.last() or self.steps >= self.time_limit
@@ -907,9 +982,10 @@ def fmt_time(seconds):
 
 
 class StopFlag:
-    """Ctrl-C (SIGINT) sets a flag that the loop checks between env steps and between updates,
-    so the interrupt never lands inside MuJoCo's or torch's internals; a second Ctrl-C stops at
-    once. check() raises KeyboardInterrupt once a stop was asked for."""
+    """Ctrl-C (SIGINT), or SIGTERM as a job scheduler sends it, sets a flag that the loop checks
+    between env steps and between updates, so the interrupt never lands inside MuJoCo's or
+    torch's internals; a second one stops at once. check() raises KeyboardInterrupt once a stop
+    was asked for."""
 
     def __init__(self):
         self.requested = self.forced = False
@@ -925,6 +1001,36 @@ class StopFlag:
             raise KeyboardInterrupt
 
 
+def first_nonfinite(tensors):
+    """The name of the first tensor of {name: tensor} holding a NaN or ±inf, else None (one
+    device sync for all of them)."""
+    finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()])
+    if bool(finite.all()):
+        return None
+    return list(tensors)[int((~finite).nonzero()[0, 0])]
+
+
+def divergence_hint(cfg, name):
+    """A likely cause of a non-finite loss, gradient norm or parameter `name`, for the error
+    line: a learning rate far above the paper's (that part's first), else the usual suspects."""
+    part = re.split(r"[/.]", name)[0]
+    flags = {"model": "model_lr", "world_model": "model_lr", "actor": "actor_lr",
+             "behaviour": "actor_lr", "value": "value_lr"}
+    order = [flags.get(part, "model_lr")] + ["model_lr", "actor_lr", "value_lr"]
+    for flag in dict.fromkeys(order):
+        mine, paper = getattr(cfg, flag), getattr(Config(), flag)
+        if mine > 10 * paper:
+            return f"likely cause: --{flag} {mine:g} is {mine / paper:,.0f}× the paper's {paper:g}"
+    return ("likely causes: a learning rate or --grad_clip too large, --adam_eps too small, or "
+            "--precision bf16")
+
+
+def out_of_memory(error):
+    """Whether an exception is an allocation failure (CPU or GPU)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 class Trainer:
     """Holds a run's state: agent, replay, environments, counters, logdir; implements Algorithm 1
     with checkpoints so that the same command resumes where a run stopped."""
@@ -937,11 +1043,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed,
                             shadow_size=cfg.shadow_size)
-        rows = self.env.max_env_steps // cfg.action_repeat + 1
-        if cfg.batch_length > rows:
-            raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode of "
-                            f"{task} ({rows} rows: the task ends after "
-                            f"{self.env.max_env_steps} env steps)")
+        check_task_fits(cfg, task, self.env.max_env_steps)
         # A separate environment for evaluation, so evaluating leaves training's RNG alone.
         self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit,
                                  seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size)
@@ -951,6 +1053,7 @@ class Trainer:
                          "phase_updates": 0, "next_checkpoint": cfg.checkpoint_every}
         self.last = {"train/return": float("nan"), "eval/return": float("nan")}
         self.stop = StopFlag()
+        self.saved = {"env_steps": None, "metrics_bytes": None}   # what the checkpoint holds
         self.resumed = self.checkpoint_path.exists()
         if self.resumed:
             self.load_checkpoint()
@@ -961,9 +1064,15 @@ class Trainer:
             seed_rows = sum(len(e["reward"]) - 1 for e in self.replay.episodes[:cfg.seed_episodes])
             self.counters["next_train"] = seed_rows * cfg.action_repeat
         # Only now, with everything read back, is anything written to the logdir.
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        config = json.dumps(self.config_record, indent=1).encode()
-        save_atomically(self.logdir / "config.json", lambda f: f.write(config))
+        try:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            config = json.dumps(self.config_record, indent=1).encode()
+            save_atomically(self.logdir / "config.json", lambda f: f.write(config))
+            for tmp in [*self.logdir.glob("*.tmp"), *self.logdir.glob("episodes/*.tmp")]:
+                tmp.unlink()          # left by a kill inside save_atomically: never read
+            self.reconcile_metrics()
+        except OSError as e:
+            raise UserError(f"cannot write to the logdir {self.logdir} ({one_line(e)})") from None
 
     # -- logdir, config and checkpoints -----------------------------------------------------
     def check_logdir(self):
@@ -985,13 +1094,27 @@ class Trainer:
         elif self.checkpoint_path.exists() or (self.logdir / "episodes").exists():
             raise UserError(f"{self.logdir} holds a run but no config.json; use another --logdir")
 
+    def check_parameters(self):
+        """Raise Diverged if any parameter is NaN or ±inf (after an Adam step of finite
+        gradients that overflowed, say): such models are never saved or acted with."""
+        params = {f"{name}.{k}": v for name, m in self.agent.modules().items()
+                  for k, v in m.named_parameters()}
+        bad = first_nonfinite(params)
+        if bad is not None:
+            raise Diverged(f"training diverged by update {self.counters['updates']}: parameter "
+                           f"{bad} is not finite; {divergence_hint(self.cfg, bad)}")
+
     def save_checkpoint(self):
+        self.check_parameters()
+        metrics = self.logdir / "metrics.jsonl"
+        self.saved = {"env_steps": self.env_steps(),       # to tell what a resume redoes
+                      "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
         state = {name: m.state_dict() for name, m in self.agent.modules().items()}
         state.update({name: o.state_dict() for name, o in self.agent.optimisers().items()})
         state.update(counters=self.counters, rng=rng_states(), last=self.last,
                      replay_rng=self.replay.rng.bit_generator.state,
                      env_rng=self.env.random_state.get_state(),
-                     eval_env_rng=self.eval_env.random_state.get_state())
+                     eval_env_rng=self.eval_env.random_state.get_state(), **self.saved)
         save_atomically(self.checkpoint_path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self):
@@ -1009,18 +1132,46 @@ class Trainer:
             self.replay.rng.bit_generator.state = state["replay_rng"]
             self.env.random_state.set_state(state["env_rng"])
             self.eval_env.random_state.set_state(state["eval_env_rng"])
+            self.saved = {k: state.get(k) for k in self.saved}   # absent in older checkpoints
         except Exception as e:
             raise UserError(f"cannot read checkpoint {self.checkpoint_path} ({one_line(e)}); "
                             f"move it away to start over, or use another --logdir") from None
 
     def log(self, step, metrics):
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        """Append one JSON line (strict JSON: a NaN or ±inf value is written as null)."""
+        values = {k: float(v) for k, v in metrics.items()}
+        record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
         with open(self.logdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def reconcile_metrics(self):
+        """After a kill, make metrics.jsonl agree with what resuming keeps: the lines the
+        checkpoint saw, then one record per episode collected since (rebuilt from its episode
+        file). Training phases and evaluations logged after the checkpoint are dropped, since
+        the resumed run redoes them, and so is a line cut in half. A clean stop changes nothing."""
+        path = self.logdir / "metrics.jsonl"
+        data = path.read_bytes() if path.exists() else b""
+        keep = self.saved["metrics_bytes"]
+        if keep is None:   # no checkpoint: keep nothing; one from before this field: all
+            keep = len(data) if self.resumed else 0
+        head = data[:keep]
+        head = head[:head.rfind(b"\n") + 1]                        # whole lines only
+        logged = head.count(b'"train/return"')                     # episodes already logged
+        R, new, steps = self.cfg.action_repeat, [], 0
+        for i, episode in enumerate(self.replay.episodes):
+            steps += R * (len(episode["reward"]) - 1)
+            if i >= logged:
+                ret = float(np.sum(episode["reward"], dtype=np.float64))
+                new.append(json.dumps({"step": steps, "train/return": ret,
+                                       "train/length": R * (len(episode["reward"]) - 1)}))
+        fixed = head + "".join(line + "\n" for line in new).encode()
+        if fixed != data:
+            save_atomically(path, lambda f: f.write(fixed))
 
     # -- the three phases of Algorithm 1 ----------------------------------------------------
     def train_phase(self):
-        """Dynamics learning + behaviour learning: C = train_steps updates on fresh batches."""
+        """Dynamics learning + behaviour learning: C = train_steps updates on fresh batches.
+        Raises Diverged at the first update whose losses or gradient norms are NaN or ±inf."""
         cfg, c, metrics, start = self.cfg, self.counters, [], time.perf_counter()
         while c["phase_updates"] < cfg.train_steps:     # a phase cut by Ctrl-C resumes midway
             self.stop.check()
@@ -1029,6 +1180,11 @@ class Trainer:
             metrics.append(self.agent.train_step(batch))
             c["updates"] += 1
             c["phase_updates"] += 1
+            bad = first_nonfinite(metrics[-1])
+            if bad is not None:
+                raise Diverged(f"training diverged at update {c['updates']}: {bad} is "
+                               f"{metrics[-1][bad].item()}; {divergence_hint(cfg, bad)}")
+        self.check_parameters()                         # the last Adam step's result
         c["phase_updates"] = 0
         mean = {k: torch.stack([m[k] for m in metrics]).mean().item() for k in metrics[0]}
         mean["time/updates_per_s"] = len(metrics) / (time.perf_counter() - start)
@@ -1069,7 +1225,7 @@ class Trainer:
             print(f"resuming from {self.checkpoint_path}: {steps} env steps, "
                   f"{len(self.replay.episodes)} episodes, {c['updates']} updates", flush=True)
         clock, train_metrics = [(time.perf_counter(), steps)], {}   # (time, env steps) marks
-        previous_handler = signal.signal(signal.SIGINT, self.stop.handler)
+        previous = {s: signal.signal(s, self.stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while steps < cfg.steps:
                 # Algorithm 1, dynamics + behaviour learning: train_steps updates per train_every
@@ -1104,7 +1260,8 @@ class Trainer:
                 clock = (clock + [(time.perf_counter(), steps)])[-6:]   # the last 5 episodes
                 self.progress(steps, clock, record, train_metrics)
         except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)   # a third Ctrl-C must not cut the save
+            for sig in previous:                  # a third Ctrl-C must not cut the save
+                signal.signal(sig, signal.SIG_IGN)
             if self.stop.forced:   # the second Ctrl-C may have cut an update in half: no save
                 print(f"\nstopped at once; the last checkpoint in {self.logdir} is kept as it "
                       f"was", file=sys.stderr, flush=True)
@@ -1114,13 +1271,34 @@ class Trainer:
                   f"{self.checkpoint_path}. Run the same command to resume "
                   f"(an unfinished episode is dropped).", file=sys.stderr, flush=True)
             return 130
+        except SimulatorError as e:   # the models are sound: save them, then report
+            self.save_checkpoint()
+            raise RunError(f"{e}; run the same command to resume; {self.kept()} (the "
+                           f"unfinished episode is dropped)") from None
+        except Diverged as e:
+            raise RunError(f"{e}; change it and start a new --logdir; {self.kept()}") from None
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            raise RunError(f"out of memory ({one_line(e)}); lower --batch_size, --batch_length "
+                           f"or the network sizes; {self.kept()}") from None
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.save_checkpoint()
         print(f"done: {steps} env steps, {c['updates']} updates, "
               f"last eval return {self.last['eval/return']:.1f}; logdir {self.logdir}",
               flush=True)
         return 0
+
+    def kept(self):
+        """What a run that stops on a fault leaves on disk, for its error line."""
+        n, at = len(self.replay.episodes), self.saved["env_steps"]
+        episodes = f"{n} episode{'s' * (n != 1)}"
+        if not self.checkpoint_path.exists():
+            return f"kept in {self.logdir}: {episodes} (no checkpoint yet)"
+        at = f" at {at} env steps" if at is not None else ""
+        return f"kept in {self.logdir}: the last checkpoint{at} and {episodes}"
 
     def progress(self, steps, clock, record, train):
         """One line per episode: where the run is, what it returns, what it learns, how fast.
@@ -1482,6 +1660,12 @@ def parse_args(argv=None):
         raise UserError(f"--device {args.device} asked for, but torch sees no CUDA device")
     if args.device.split(":")[0] not in ("cpu", "cuda"):
         raise UserError(f"unknown --device {args.device!r}: use cpu or cuda")
+    if re.fullmatch(r"cuda:\d+", args.device) and \
+            int(args.device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA "
+                        f"device(s), numbered from 0")
+    if args.logdir == "":
+        raise UserError("--logdir needs a folder name")
     if args.logdir is None:
         args.logdir = os.path.join("runs", f"{args.env}-{args.preset}-s{cfg.seed}")
     return cfg, args
@@ -1489,7 +1673,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     """Train (or resume) a run, or --benchmark, or --evaluate RUN. Returns the exit status:
-    0 done, 2 bad input, 130 interrupted."""
+    0 done, 1 a fault during the run (RunError, out of memory, a failed read or write),
+    2 bad input, 130 interrupted. Each non-zero status comes with one line on stderr."""
     try:
         cfg, args = parse_args(argv)
         if cfg.precision == "bf16" and not bf16_is_native(torch.device(args.device)):
@@ -1515,6 +1700,18 @@ def main(argv=None):
     except UserError as e:
         print(f"dreamer.py: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"dreamer.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:   # a read or write outside the logdir's checks, e.g. a full disk
+        print(f"dreamer.py: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not out_of_memory(e):
+            raise                       # a bug: its traceback is what a developer needs
+        print(f"dreamer.py: error: out of memory ({one_line(e)}); lower --batch_size, "
+              f"--batch_length or the network sizes", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted; no checkpoint or episode was written", file=sys.stderr)
         return 130

@@ -54,7 +54,8 @@ def load_run(run):
                 series.setdefault(key, {})[record["step"]] = value   # a resumed step: last wins
     config = run / "config.json"
     task = json.loads(config.read_text()).get("task") if config.exists() else None
-    return task, {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)]))
+    # A value logged as null (a NaN, in strict JSON) reads back as NaN.
+    return task, {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)], dtype=float))
                   for k, v in series.items()}
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -668,6 +669,29 @@ def test_task_names():
             d.parse_task(bad)
 
 
+def test_every_task_the_program_accepts_runs_and_the_others_are_refused():
+    """Each name in all_tasks() (the list an unknown name prints) loads, resets and steps at the
+    corners of the action box, the most violent actions the actor can send, with finite rewards
+    and images; every DMC task left out of it is refused by name with its reason."""
+    from dm_control import suite
+    accepted = d.all_tasks()
+    for domain, task in suite.ALL_TASKS:
+        name = f"{domain}_{task}"
+        if name not in accepted:
+            with pytest.raises(d.UserError, match=f"{name} cannot be run by this agent"):
+                d.parse_task(name)
+    assert "lqr_lqr_2_1" not in accepted and len(accepted) >= 50
+    for name in accepted:
+        env = d.make_env(name, action_repeat=2, time_limit=20, shadow_size=64)
+        obs, done, steps = env.reset(), False, 0
+        corners = np.array([[1.0] * env.action_dim, [-1.0] * env.action_dim])
+        while not done:
+            obs, reward, done = env.step(corners[steps % 2])
+            steps += 1
+            assert np.isfinite(reward) and obs.shape == (3, 64, 64), name
+        assert steps == 10, name
+
+
 def test_real_environment_shapes_and_action_repeat():
     env = d.make_env("reacher_easy", action_repeat=2, time_limit=10, seed=0)
     obs = env.reset()
@@ -738,6 +762,13 @@ BAD_ARGS = [
     (["--actor_entropy", "-0.1"], "--actor_entropy must be ≥ 0"),
     (["--time_limit", "5000", "--batch_length", "1000"], "longer than an episode of reacher_easy"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
+    # Values that used to pass validation and fail (or silently do nothing) later in the run.
+    (["--horizon", "1"], "--horizon must be ≥ 2"),
+    (["--action_repeat", "3"], "--time_limit 1000 must be a multiple of --action_repeat 3"),
+    (["--action_repeat", "7", "--time_limit", "7000"], "not a multiple of --action_repeat 7"),
+    (["--steps", "1000"], "before the first update"),
+    (["--seed_episodes", "10", "--steps", "10000"], "before the first update"),
+    (["--env", "lqr_lqr_2_1"], "lqr_lqr_2_1 cannot be run by this agent: its actions are unbounded"),
 ]
 
 
@@ -747,6 +778,16 @@ def test_bad_input_gives_one_clear_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("dreamer.py: error:") and message in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_logdir_that_cannot_be_a_folder_gives_one_clear_line(capsys, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for logdir, message in [("", "--logdir needs a folder name"),
+                            (str(tmp_path / "file"), "cannot write to the logdir")]:
+        assert d.main([*E2E, "--logdir", logdir]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dreamer.py: error:") and message in err and "\n" not in err
+    assert (tmp_path / "file").read_text() == "not a folder"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -919,7 +960,8 @@ def test_corrupt_checkpoint_and_episode_give_clear_error_and_destroy_nothing(tra
     assert d.main([*E2E, "--steps", "2000", "--batch_size", "4", "--logdir", str(logdir)]) == 2
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])   # Ctrl-C, a job scheduler
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sig, tmp_path):
     logdir = tmp_path / "run"
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     proc = subprocess.Popen([sys.executable, str(HERE / "dreamer.py"), *E2E, "--steps", "100000",
@@ -928,7 +970,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (logdir / "episodes" / "000001.npz").exists():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "checkpoint saved" in err
@@ -965,6 +1007,282 @@ def test_logdir_from_before_a_new_config_field_still_resumes(trained, tmp_path):
     n = len(list((logdir / "episodes").glob("*.npz")))
     proc = run_cli(*E2E, "--steps", str(200 * n + 200), "--logdir", str(logdir))
     assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: divergence, simulator errors, odd settings and hard kills lose nothing and explain
+# themselves (one line on stderr, a non-zero status, the logdir readable and resumable)
+# ---------------------------------------------------------------------------------------------
+
+def strict_json_lines(path):
+    """metrics.jsonl as strict JSON: the bare tokens NaN and Infinity are refused."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
+
+
+def files_of(logdir):
+    return {p.relative_to(logdir): p.read_bytes() for p in Path(logdir).rglob("*") if p.is_file()}
+
+
+def test_divergence_stops_at_its_update_in_one_line_and_never_acts_with_nan(
+        tmp_path, monkeypatch, capsys):
+    """The issue's example: learning rates of 10 make the losses non-finite within a few
+    updates. The run stops at that very update, names the metric and the cause, exits 1,
+    keeps its episode, writes strict JSON, and no NaN action ever reaches MuJoCo."""
+    actions, updates, step, train_step = [], [], d.DMCEnv.step, d.Dreamer.train_step
+
+    def spy_step(self, action):
+        actions.append(np.asarray(action, np.float64))
+        return step(self, action)
+
+    def spy_train_step(self, batch):
+        updates.append(train_step(self, batch))
+        return updates[-1]
+
+    monkeypatch.setattr(d.DMCEnv, "step", spy_step)
+    monkeypatch.setattr(d.Dreamer, "train_step", spy_train_step)
+    logdir = tmp_path / "run"
+    assert d.main([*E2E, "--steps", "1000", "--model_lr", "10", "--actor_lr", "10",
+                   "--value_lr", "10", "--logdir", str(logdir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    # The first update with a non-finite value, found independently, is the one named, and
+    # no update ran after it.
+    first = next(i for i, m in enumerate(updates, 1)
+                 if not all(torch.isfinite(v).all() for v in m.values()))
+    assert first == len(updates)
+    name = next(k for k, v in updates[-1].items() if not torch.isfinite(v).all())
+    assert err.startswith(f"dreamer.py: error: training diverged at update {first}: {name} is ")
+    assert "likely cause: --model_lr 10 is 16,667× the paper's 0.0006" in err
+    assert f"kept in {logdir}: 1 episode (no checkpoint yet)" in err
+    assert len(actions) == 100 and all(np.isfinite(a).all() for a in actions)
+    assert [m["step"] for m in strict_json_lines(logdir / "metrics.jsonl")] == [200]
+    assert (logdir / "episodes" / "000000.npz").exists() and not (logdir / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["loss", "parameter"])
+def test_divergence_after_a_checkpoint_keeps_it_and_every_episode(
+        where, trained, tmp_path, monkeypatch, capsys):
+    """A NaN that shows in an update's losses (an actor weight set to NaN before update 3) or
+    only in the parameters (a value weight set to inf after the phase's last update): either
+    way the run stops in that phase and the logdir stays exactly as the last checkpoint left it."""
+    logdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(trained[0]), str(logdir)], check=True)
+    before, calls, train_step = files_of(logdir), [], d.Dreamer.train_step
+
+    def poisoned(self, batch):
+        calls.append(1)
+        if where == "loss" and len(calls) == 3:
+            with torch.no_grad():
+                self.actor.net[0].weight[0, 0] = float("nan")
+        metrics = train_step(self, batch)
+        if where == "parameter" and len(calls) == self.cfg.train_steps:
+            with torch.no_grad():
+                self.value.net[0].weight[0, 0] = float("inf")
+        return metrics
+
+    monkeypatch.setattr(d.Dreamer, "train_step", poisoned)
+    assert d.main([*E2E, "--steps", "4000", "--logdir", str(logdir)]) == 1
+    err = capsys.readouterr().err.strip()
+    expected = {"loss": r"diverged at update \d+: actor/\w+ is nan",
+                "parameter": r"diverged by update \d+: parameter value\.net\.0\.weight is not finite"}
+    assert re.search(expected[where], err) and "\n" not in err, err
+    assert len(calls) == {"loss": 3, "parameter": 5}[where]
+    assert f"kept in {logdir}: the last checkpoint at " in err
+    after, kept = files_of(logdir), lambda files: {k: v for k, v in files.items()
+                                                   if k.suffix in (".pt", ".npz")}
+    assert kept(after) == kept(before) and len(kept(before)) == len(before) - 2
+    assert after[Path("metrics.jsonl")].startswith(before[Path("metrics.jsonl")])
+    strict_json_lines(logdir / "metrics.jsonl")
+
+
+def test_simulator_error_mid_run_saves_the_checkpoint_and_resumes(trained, tmp_path, monkeypatch,
+                                                                  capsys):
+    """MuJoCo's PhysicsError in the middle of an episode: one line, exit 1, the episodes written
+    before it are untouched, the checkpoint is saved, and the same command resumes."""
+    from dm_control.rl import control
+    logdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(trained[0]), str(logdir)], check=True)
+    episodes = {k: v for k, v in files_of(logdir).items() if k.suffix == ".npz"}
+    calls, step = [], control.Environment.step
+
+    def failing(self, action):
+        calls.append(1)
+        # MuJoCo steps, R = 2 per agent step: 1–200 the next episode, 201–400 the evaluation
+        # at its end (a multiple of 400 env steps), 401–600 the episode after: its step 49.
+        if len(calls) == 450:
+            raise control.PhysicsError("Physics state is invalid. Warning(s) raised: mjWARN_BADQACC")
+        return step(self, action)
+
+    monkeypatch.setattr(control.Environment, "step", failing)
+    assert d.main([*E2E, "--steps", "4000", "--logdir", str(logdir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dreamer.py: error: the simulator failed on reacher_easy at env step 49 "
+                          "of an episode (PhysicsError: Physics state is invalid.")
+    assert "run the same command to resume" in err and "\n" not in err
+    n = len(episodes) + 1                    # one more episode was finished before the failure
+    assert f"the last checkpoint at {200 * n} env steps and {n} episodes" in err
+    after = files_of(logdir)
+    assert all(after[k] == v for k, v in episodes.items()) and len(
+        [k for k in after if k.suffix == ".npz"]) == n
+    assert torch.load(logdir / "checkpoint.pt", weights_only=False)["env_steps"] == 200 * n
+    monkeypatch.undo()
+    proc = run_cli(*E2E, "--steps", str(200 * n + 200), "--logdir", str(logdir))
+    assert proc.returncode == 0 and f"resuming from" in proc.stdout, proc.stderr
+    assert f"{200 * n} env steps" in proc.stdout
+
+
+# Runs dreamer.main in a child that kills itself with SIGKILL at a chosen moment, KILL_AT =
+# "what:n": at the n-th call of a function (an env step, an update, an evaluation step), in the
+# middle of the n-th write of an episode, a checkpoint or a metrics line ("torn": half of the
+# bytes are written), just before the n-th rename of a finished temporary file, or n tenths of
+# a second after start. The real code runs everywhere else.
+KILLER = r"""
+import io, json, os, signal, sys, threading
+import numpy as np, torch
+sys.path.insert(0, os.environ["DREAMER_DIR"])
+import dreamer as d
+what, n = os.environ["KILL_AT"].split(":")
+count = [0]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def due():
+    count[0] += 1
+    return count[0] == int(n)
+
+def before(owner, name, when=lambda *a, **k: True):
+    real = getattr(owner, name)
+    def wrapper(*a, **k):
+        if when(*a, **k) and due():
+            die()
+        return real(*a, **k)
+    setattr(owner, name, wrapper)
+
+def torn(owner, name, file_arg):
+    real = getattr(owner, name)
+    def wrapper(*a, **k):
+        if due():
+            buffer = io.BytesIO()
+            real(*[buffer if i == file_arg else x for i, x in enumerate(a)], **k)
+            f = a[file_arg]
+            f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            f.flush()
+            die()
+        return real(*a, **k)
+    setattr(owner, name, wrapper)
+
+def torn_log(self, step, metrics):
+    if due():
+        with open(self.logdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}})[:15])
+        die()
+    real_log(self, step, metrics)
+
+real_log = d.Trainer.log
+if what == "time":
+    threading.Timer(int(n) / 10, die).start()
+elif what == "env_step":
+    before(d.DMCEnv, "step")
+elif what == "update":
+    before(d.Dreamer, "train_step")
+elif what == "eval_step":
+    before(d.Dreamer, "act", when=lambda self, obs, state, explore: not explore)
+elif what == "torn_episode":
+    torn(np, "savez_compressed", 0)
+elif what == "torn_checkpoint":
+    torn(torch, "save", 1)
+elif what == "torn_metrics":
+    d.Trainer.log = torn_log
+elif what in ("rename_episode", "rename_checkpoint"):
+    suffix = ".npz" if what == "rename_episode" else ".pt"
+    before(os, "replace", when=lambda src, dst: str(dst).endswith(suffix))
+sys.exit(d.main(sys.argv[1:]))
+"""
+
+# (kill point, what it hits) in the order they run, each in a new process that resumes the
+# logdir the previous one left: 2,000 env steps = 10 episodes of 100 agent steps, a training
+# phase of 5 updates every 200 env steps from 200 on, an evaluation and a checkpoint every 400.
+KILLS = [
+    ("env_step:50", "collection: the first seed episode, before any episode is written"),
+    ("torn_episode:1", "the first episode file, half written"),
+    ("rename_episode:1", "the first episode file, written but not yet renamed"),
+    ("env_step:150", "collection: the 2nd episode, after a training phase, no checkpoint yet"),
+    ("update:3", "an update in the middle of a training phase, on episodes without checkpoint"),
+    ("torn_metrics:2", "a metrics line, half written"),
+    ("eval_step:30", "an evaluation episode"),
+    ("torn_checkpoint:1", "the first checkpoint, half written"),
+    ("rename_checkpoint:1", "the first checkpoint, written but not yet renamed"),
+    ("update:18", "an update after the first checkpoint, in a phase owed to the resume"),
+    ("time:25", "2.5 s after start, wherever the run is"),
+    ("time:45", "4.5 s after start, wherever the run is"),
+]
+
+
+def test_hard_kills_at_every_kind_of_moment_lose_nothing_and_the_run_finishes(tmp_path):
+    """SIGKILL (no handler runs) at each of KILLS, then the same command: no file is ever
+    unreadable, no written episode is lost or changed, each resume continues from what is on
+    disk, and the last run finishes with exactly the updates and records of an unbroken run."""
+    logdir = tmp_path / "run"
+    argv = [*E2E, "--steps", "2000", "--logdir", str(logdir)]
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
+           "DREAMER_DIR": str(HERE)}
+    episodes = {}
+    for kill, moment in KILLS:
+        resumes = (logdir / "checkpoint.pt").exists()
+        proc = subprocess.run([sys.executable, "-c", KILLER, *argv], capture_output=True,
+                              text=True, timeout=300, env={**env, "KILL_AT": kill}, cwd=HERE)
+        assert proc.returncode == -signal.SIGKILL, (kill, moment, proc.stdout, proc.stderr)
+        if resumes:    # from the checkpoint and every episode on disk
+            assert f"resuming from {logdir / 'checkpoint.pt'}: {200 * len(episodes)} env steps, " \
+                   f"{len(episodes)} episodes" in proc.stdout, (kill, proc.stdout)
+        # Every file is whole: episodes, checkpoint and config load; no episode is lost.
+        files = files_of(logdir)
+        for path, data in episodes.items():
+            assert files[path] == data, (kill, path)
+        for path in (logdir / "episodes").glob("*.npz"):
+            with np.load(path) as ep:
+                assert ep["obs"].shape == (101, 3, 64, 64), (kill, path)
+            episodes[path.relative_to(logdir)] = files[path.relative_to(logdir)]
+        if (logdir / "checkpoint.pt").exists():
+            torch.load(logdir / "checkpoint.pt", weights_only=False)
+        json.loads((logdir / "config.json").read_text())
+        path = logdir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        if kill.startswith("torn_metrics"):    # the line cut in half; the resume drops it
+            assert not lines[-1].endswith("}")
+            lines = lines[:-1]
+        for line in lines:
+            json.loads(line)
+    final = run_cli(*argv)
+    assert final.returncode == 0, final.stderr
+    assert "done: 2000 env steps, 45 updates" in final.stdout     # 9 phases × 5, none twice
+    assert sorted(p.name for p in (logdir / "episodes").glob("*.npz")) == \
+        [f"{i:06d}.npz" for i in range(10)]
+    assert not list(logdir.rglob("*.tmp"))
+    metrics = strict_json_lines(logdir / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "train/return" in m] == list(range(200, 2001, 200))
+    assert len([m for m in metrics if "model/loss" in m]) == 9
+    steps = [m["step"] for m in metrics]
+    assert steps == sorted(steps)
+    state = torch.load(logdir / "checkpoint.pt", weights_only=False)
+    assert state["counters"]["updates"] == 45 and state["env_steps"] == 2000
+
+
+def test_metrics_lines_are_strict_json_even_for_a_non_finite_value(tmp_path):
+    trainer = object.__new__(d.Trainer)             # log() needs only the logdir
+    trainer.logdir = tmp_path
+    trainer.log(7, {"a": torch.tensor(float("nan")), "b": float("inf"), "c": 1.5})
+    assert strict_json_lines(tmp_path / "metrics.jsonl") == [
+        {"step": 7, "a": None, "b": None, "c": 1.5}]
+
+
+def test_out_of_memory_is_one_line(capsys, tmp_path):
+    assert d.main([*E2E, "--units", "10000000", "--logdir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dreamer.py: error: out of memory") and "\n" not in err
 
 
 def test_open_loop_sees_images_only_in_its_context():
