@@ -61,13 +61,13 @@ class RunError(Exception):
 
 
 class SimulatorError(RunError):
-    """MuJoCo's physics became invalid (dm_control's PhysicsError) or was sent a non-finite
-    action. The models are still sound, so a run saves its checkpoint before stopping."""
+    """MuJoCo failed (dm_control's PhysicsError, or mujoco's FatalError). The models are still
+    sound, so a run saves its checkpoint before stopping."""
 
 
 class Diverged(RunError):
-    """A loss or gradient norm became NaN or ±inf: the models are no longer sound, so nothing is
-    saved after the last checkpoint."""
+    """A loss, gradient norm or parameter became NaN or ±inf, or the policy sent a non-finite
+    action: the models are no longer sound, so nothing is saved after the last checkpoint."""
 
 
 def one_line(error):
@@ -174,8 +174,7 @@ def validate(cfg):
             if not 0 <= v < 2 ** 32 - REEVAL_SEED_OFFSET:   # room for the eval seeds
                 raise UserError(f"--seed must be in [0, 2³² − {REEVAL_SEED_OFFSET:,}), got {v}")
             continue
-        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_min_std",
-                      "actor_entropy"):
+        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_entropy"):
             if v < 0:
                 raise UserError(f"--{f.name} must be ≥ 0, got {v}")
         elif v <= 0:
@@ -757,7 +756,8 @@ def save_atomically(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -824,8 +824,9 @@ class ReplayBuffer:
 TASK_ALIASES = {"cup_catch": ("ball_in_cup", "catch")}   # the paper's name for ball_in_cup_catch
 # DMC domains whose tasks this agent cannot run, with the reason: refused by name, up front.
 UNSUPPORTED_DOMAINS = {
-    "lqr": "its actions are unbounded (±1e10) and it has no time limit, while the actor's "
-           "tanh-squashed actions in [−1, 1] are scaled onto a task's bounds",
+    "lqr": "its action bounds are ±1e10, onto which the actor's tanh-squashed actions in "
+           "[−1, 1] cannot sensibly be scaled, and its episodes end early (once the state is "
+           "near 0), which this DMC agent does not model",
 }
 
 
@@ -865,7 +866,8 @@ class DMCEnv:
                  shadow_size=2048):
         from dm_control import suite
         from dm_control.rl.control import PhysicsError
-        self.task, self.physics_error = task, PhysicsError
+        import mujoco
+        self.task, self.physics_error = task, (PhysicsError, mujoco.FatalError)
         domain, name = parse_task(task)
         self.env = suite.load(domain, name, task_kwargs={"random": seed})
         # speed, opt-in (--shadow_size): the software renderer spends most of a 64x64 frame on
@@ -895,12 +897,13 @@ class DMCEnv:
         return self.render()
 
     def step(self, action):
-        """Raises SimulatorError, with the episode's env step, for a non-finite action (nothing
-        non-finite reaches MuJoCo) or when MuJoCo finds its physics state invalid."""
+        """Raises Diverged for a non-finite action (nothing non-finite reaches MuJoCo), and
+        SimulatorError, with the episode's env step, when MuJoCo fails."""
         action = np.asarray(action, np.float64)
         if not np.isfinite(action).all():
-            raise SimulatorError(f"the policy sent a non-finite action {action.tolist()} to "
-                                 f"{self.task} at env step {self.steps} of an episode")
+            raise Diverged(f"the policy sent a non-finite action ({np.sum(~np.isfinite(action))} "
+                           f"of {action.size} entries) to {self.task} at env step {self.steps} "
+                           f"of an episode")
         # Map [−1, 1] to the task's action bounds (nearly all DMC tasks use [−1, 1] already).
         action = self.low + (action + 1) / 2 * (self.high - self.low)
         reward, done = 0.0, False
@@ -989,12 +992,13 @@ class StopFlag:
 
     def __init__(self):
         self.requested = self.forced = False
+        self.signum = signal.SIGINT
 
     def handler(self, signum, frame):
         if self.requested:
             self.forced = True
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def check(self):
         if self.requested:
@@ -1028,7 +1032,9 @@ def divergence_hint(cfg, name):
 def out_of_memory(error):
     """Whether an exception is an allocation failure (CPU or GPU)."""
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+        isinstance(error, RuntimeError) and any(
+            text in str(error) for text in ("can't allocate memory", "out of memory",
+                                            "CUBLAS_STATUS_ALLOC_FAILED")))
 
 
 class Trainer:
@@ -1058,11 +1064,13 @@ class Trainer:
         if self.resumed:
             self.load_checkpoint()
         self.replay.load()
-        if not self.resumed and len(self.replay.episodes) >= cfg.seed_episodes:
-            # Episodes but no checkpoint (the run was killed before its first one): fresh
-            # models learn from the data, with the first training phase where it would have been.
+        if len(self.replay.episodes) >= cfg.seed_episodes:
+            # Seeding is over, but the checkpoint may be from before its end, or absent (the run
+            # was killed before its first one; fresh models then learn from the data): the first
+            # training phase is where it would have been, right after the seed episodes.
             seed_rows = sum(len(e["reward"]) - 1 for e in self.replay.episodes[:cfg.seed_episodes])
-            self.counters["next_train"] = seed_rows * cfg.action_repeat
+            self.counters["next_train"] = max(self.counters["next_train"],
+                                              seed_rows * cfg.action_repeat)
         # Only now, with everything read back, is anything written to the logdir.
         try:
             self.logdir.mkdir(parents=True, exist_ok=True)
@@ -1107,15 +1115,16 @@ class Trainer:
     def save_checkpoint(self):
         self.check_parameters()
         metrics = self.logdir / "metrics.jsonl"
-        self.saved = {"env_steps": self.env_steps(),       # to tell what a resume redoes
-                      "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
+        saved = {"env_steps": self.env_steps(),              # to tell what a resume redoes
+                 "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
         state = {name: m.state_dict() for name, m in self.agent.modules().items()}
         state.update({name: o.state_dict() for name, o in self.agent.optimisers().items()})
         state.update(counters=self.counters, rng=rng_states(), last=self.last,
                      replay_rng=self.replay.rng.bit_generator.state,
                      env_rng=self.env.random_state.get_state(),
-                     eval_env_rng=self.eval_env.random_state.get_state(), **self.saved)
+                     eval_env_rng=self.eval_env.random_state.get_state(), **saved)
         save_atomically(self.checkpoint_path, lambda f: torch.save(state, f))
+        self.saved = saved
 
     def load_checkpoint(self):
         try:
@@ -1190,6 +1199,18 @@ class Trainer:
         mean["time/updates_per_s"] = len(metrics) / (time.perf_counter() - start)
         return mean
 
+    def train_owed(self, steps, due_by=None):
+        """The training phases due by `due_by` env steps (default `steps`; one per train_every,
+        the first right after the seed episodes), each logged at `steps`, the run's env steps
+        now. → the last one's metrics, or {}."""
+        cfg, c, metrics = self.cfg, self.counters, {}
+        due_by = steps if due_by is None else due_by
+        while len(self.replay.episodes) >= cfg.seed_episodes and due_by >= c["next_train"]:
+            metrics = self.train_phase()
+            self.log(steps, metrics)
+            c["next_train"] += cfg.train_every
+        return metrics
+
     def collect(self, env, explore, random_actions=False):
         """Environment interaction: one episode with the policy (or uniform random actions)."""
         def policy(obs, state):
@@ -1217,7 +1238,9 @@ class Trainer:
     def run(self):
         cfg, c = self.cfg, self.counters
         steps = self.env_steps()
-        if steps >= cfg.steps:
+        finishing = steps >= cfg.steps         # every episode is in; the run's end may not be
+        if finishing and self.resumed and self.saved["env_steps"] in (None, steps) \
+                and c["next_eval"] > steps:    # (the final evaluation was finished)
             print(f"{self.logdir} is already at {steps} env steps ≥ --steps {cfg.steps}; "
                   f"nothing to do (pass a larger --steps to continue)", flush=True)
             return 0
@@ -1227,15 +1250,19 @@ class Trainer:
         clock, train_metrics = [(time.perf_counter(), steps)], {}   # (time, env steps) marks
         previous = {s: signal.signal(s, self.stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if finishing:
+                # Stopped after the last episode was written but before the final checkpoint
+                # (a kill), or during the final evaluation: redo what an unbroken run did after
+                # its last episode began, the phases due before it and the final evaluation.
+                last = cfg.action_repeat * (len(self.replay.episodes[-1]["reward"]) - 1)
+                train_metrics = self.train_owed(steps, due_by=steps - last)
+                self.evaluate_and_log(steps)
             while steps < cfg.steps:
                 # Algorithm 1, dynamics + behaviour learning: train_steps updates per train_every
                 # env steps, run between episodes (the first after the seed episodes).
                 # After a resume, phases owed for episodes collected since the checkpoint run
                 # here, so the ratio of updates to env steps stays that of the config.
-                while len(self.replay.episodes) >= cfg.seed_episodes and steps >= c["next_train"]:
-                    train_metrics = self.train_phase()
-                    self.log(steps, train_metrics)
-                    c["next_train"] += cfg.train_every
+                train_metrics = self.train_owed(steps) or train_metrics
                 if steps >= c["next_eval"]:   # an evaluation cut short by Ctrl-C, now owed
                     self.evaluate_and_log(steps)
                 # Algorithm 1, environment interaction: seed episodes act at random.
@@ -1259,18 +1286,20 @@ class Trainer:
                     self.save_checkpoint()
                 clock = (clock + [(time.perf_counter(), steps)])[-6:]   # the last 5 episodes
                 self.progress(steps, clock, record, train_metrics)
+            self.save_checkpoint()
         except KeyboardInterrupt:
             for sig in previous:                  # a third Ctrl-C must not cut the save
                 signal.signal(sig, signal.SIG_IGN)
+            status = 128 + self.stop.signum     # 130 for Ctrl-C, 143 for SIGTERM
             if self.stop.forced:   # the second Ctrl-C may have cut an update in half: no save
                 print(f"\nstopped at once; the last checkpoint in {self.logdir} is kept as it "
                       f"was", file=sys.stderr, flush=True)
-                return 130
+                return status
             self.save_checkpoint()
             print(f"\ninterrupted at {steps} env steps; checkpoint saved to "
                   f"{self.checkpoint_path}. Run the same command to resume "
                   f"(an unfinished episode is dropped).", file=sys.stderr, flush=True)
-            return 130
+            return status
         except SimulatorError as e:   # the models are sound: save them, then report
             self.save_checkpoint()
             raise RunError(f"{e}; run the same command to resume; {self.kept()} (the "
@@ -1280,12 +1309,12 @@ class Trainer:
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            raise RunError(f"out of memory ({one_line(e)}); lower --batch_size, --batch_length "
-                           f"or the network sizes; {self.kept()}") from None
+            raise RunError(f"out of memory ({one_line(e)}); free memory and run the same "
+                           f"command, or lower --batch_size, --batch_length or the network "
+                           f"sizes in a new --logdir; {self.kept()}") from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self.save_checkpoint()
         print(f"done: {steps} env steps, {c['updates']} updates, "
               f"last eval return {self.last['eval/return']:.1f}; logdir {self.logdir}",
               flush=True)
@@ -1658,10 +1687,13 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} asked for, but torch sees no CUDA device")
-    if args.device.split(":")[0] not in ("cpu", "cuda"):
-        raise UserError(f"unknown --device {args.device!r}: use cpu or cuda")
-    if re.fullmatch(r"cuda:\d+", args.device) and \
-            int(args.device[5:]) >= torch.cuda.device_count():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown --device {args.device!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA "
                         f"device(s), numbered from 0")
     if args.logdir == "":
@@ -1674,7 +1706,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Train (or resume) a run, or --benchmark, or --evaluate RUN. Returns the exit status:
     0 done, 1 a fault during the run (RunError, out of memory, a failed read or write),
-    2 bad input, 130 interrupted. Each non-zero status comes with one line on stderr."""
+    2 bad input, 130 interrupted (143 by SIGTERM). A non-zero status comes with a line on stderr."""
     try:
         cfg, args = parse_args(argv)
         if cfg.precision == "bf16" and not bf16_is_native(torch.device(args.device)):
@@ -1709,8 +1741,8 @@ def main(argv=None):
     except Exception as e:
         if not out_of_memory(e):
             raise                       # a bug: its traceback is what a developer needs
-        print(f"dreamer.py: error: out of memory ({one_line(e)}); lower --batch_size, "
-              f"--batch_length or the network sizes", file=sys.stderr)
+        print(f"dreamer.py: error: out of memory ({one_line(e)}); free memory, or lower "
+              f"--batch_size, --batch_length or the network sizes", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; no checkpoint or episode was written", file=sys.stderr)

@@ -646,6 +646,7 @@ def test_save_atomically_keeps_old_file_when_write_fails(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         d.save_atomically(path, broken)
     assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]   # no temporary file left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,6 +691,16 @@ def test_every_task_the_program_accepts_runs_and_the_others_are_refused():
             steps += 1
             assert np.isfinite(reward) and obs.shape == (3, 64, 64), name
         assert steps == 10, name
+
+
+def test_a_non_finite_action_never_reaches_mujoco():
+    env = d.make_env("reacher_easy", time_limit=20, shadow_size=64)
+    env.reset()
+    before = env.env.physics.get_state().copy()
+    for bad in ([np.nan, 0.0], [0.0, np.inf]):
+        with pytest.raises(d.Diverged, match=r"non-finite action \(1 of 2 entries\)"):
+            env.step(bad)
+    assert np.array_equal(env.env.physics.get_state(), before) and env.steps == 0
 
 
 def test_real_environment_shapes_and_action_repeat():
@@ -768,7 +779,7 @@ BAD_ARGS = [
     (["--action_repeat", "7", "--time_limit", "7000"], "not a multiple of --action_repeat 7"),
     (["--steps", "1000"], "before the first update"),
     (["--seed_episodes", "10", "--steps", "10000"], "before the first update"),
-    (["--env", "lqr_lqr_2_1"], "lqr_lqr_2_1 cannot be run by this agent: its actions are unbounded"),
+    (["--env", "lqr_lqr_2_1"], "lqr_lqr_2_1 cannot be run by this agent: its action bounds are ±1e10"),
 ]
 
 
@@ -972,7 +983,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sig, tmp_path):
         time.sleep(0.2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err          # 130 for Ctrl-C, 143 for SIGTERM
     assert "Traceback" not in err and "checkpoint saved" in err
     assert (logdir / "checkpoint.pt").exists()
     resumed = run_cli(*E2E, "--steps", "800", "--logdir", str(logdir))
@@ -1110,8 +1121,9 @@ def test_simulator_error_mid_run_saves_the_checkpoint_and_resumes(trained, tmp_p
     def failing(self, action):
         calls.append(1)
         # MuJoCo steps, R = 2 per agent step: 1–200 the next episode, 201–400 the evaluation
-        # at its end (a multiple of 400 env steps), 401–600 the episode after: its step 49.
-        if len(calls) == 450:
+        # and checkpoint at its end (a multiple of 400 env steps), 401–600 the episode after
+        # (no checkpoint at its end), 601–800 the third: its env step 49.
+        if len(calls) == 650:
             raise control.PhysicsError("Physics state is invalid. Warning(s) raised: mjWARN_BADQACC")
         return step(self, action)
 
@@ -1121,7 +1133,7 @@ def test_simulator_error_mid_run_saves_the_checkpoint_and_resumes(trained, tmp_p
     assert err.startswith("dreamer.py: error: the simulator failed on reacher_easy at env step 49 "
                           "of an episode (PhysicsError: Physics state is invalid.")
     assert "run the same command to resume" in err and "\n" not in err
-    n = len(episodes) + 1                    # one more episode was finished before the failure
+    n = len(episodes) + 2                    # two more episodes were finished before it
     assert f"the last checkpoint at {200 * n} env steps and {n} episodes" in err
     after = files_of(logdir)
     assert all(after[k] == v for k, v in episodes.items()) and len(
@@ -1161,10 +1173,10 @@ def before(owner, name, when=lambda *a, **k: True):
         return real(*a, **k)
     setattr(owner, name, wrapper)
 
-def torn(owner, name, file_arg):
+def torn(owner, name, file_arg, when=lambda *a, **k: True):
     real = getattr(owner, name)
     def wrapper(*a, **k):
-        if due():
+        if when(*a, **k) and due():
             buffer = io.BytesIO()
             real(*[buffer if i == file_arg else x for i, x in enumerate(a)], **k)
             f = a[file_arg]
@@ -1196,6 +1208,10 @@ elif what == "torn_checkpoint":
     torn(torch, "save", 1)
 elif what == "torn_metrics":
     d.Trainer.log = torn_log
+elif what == "final_eval":
+    before(d.Trainer, "evaluate_and_log", when=lambda self, steps: steps >= self.cfg.steps)
+elif what == "final_checkpoint":
+    torn(torch, "save", 1, when=lambda state, f: state["env_steps"] == 2000)
 elif what in ("rename_episode", "rename_checkpoint"):
     suffix = ".npz" if what == "rename_episode" else ".pt"
     before(os, "replace", when=lambda src, dst: str(dst).endswith(suffix))
@@ -1204,7 +1220,8 @@ sys.exit(d.main(sys.argv[1:]))
 
 # (kill point, what it hits) in the order they run, each in a new process that resumes the
 # logdir the previous one left: 2,000 env steps = 10 episodes of 100 agent steps, a training
-# phase of 5 updates every 200 env steps from 200 on, an evaluation and a checkpoint every 400.
+# phase of 5 updates every 200 env steps from 200 on, an evaluation and a checkpoint every 400
+# (a checkpoint comes after an episode; an evaluation's env steps count as env_step calls too).
 KILLS = [
     ("env_step:50", "collection: the first seed episode, before any episode is written"),
     ("torn_episode:1", "the first episode file, half written"),
@@ -1215,9 +1232,15 @@ KILLS = [
     ("eval_step:30", "an evaluation episode"),
     ("torn_checkpoint:1", "the first checkpoint, half written"),
     ("rename_checkpoint:1", "the first checkpoint, written but not yet renamed"),
-    ("update:18", "an update after the first checkpoint, in a phase owed to the resume"),
-    ("time:25", "2.5 s after start, wherever the run is"),
-    ("time:45", "4.5 s after start, wherever the run is"),
+    ("update:23", "an update in the phase right after the first checkpoint (1000 env steps)"),
+    # From here on each run resumes from that checkpoint and the episodes written since.
+    ("env_step:50", "collection: the first episode after the resume"),
+    ("torn_metrics:2", "a metrics line, half written, after the checkpoint"),
+    ("eval_step:30", "an evaluation owed to the resume"),
+    ("update:7", "an update of a phase owed to the resume"),
+    ("time:15", "1.5 s after start: wherever the run is"),
+    ("final_eval:1", "the final evaluation, every episode written"),
+    ("final_checkpoint:1", "the final checkpoint, half written, on the resume that redoes the end"),
 ]
 
 
@@ -1229,7 +1252,7 @@ def test_hard_kills_at_every_kind_of_moment_lose_nothing_and_the_run_finishes(tm
     argv = [*E2E, "--steps", "2000", "--logdir", str(logdir)]
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
            "DREAMER_DIR": str(HERE)}
-    episodes = {}
+    episodes, resumed = {}, 0
     for kill, moment in KILLS:
         resumes = (logdir / "checkpoint.pt").exists()
         proc = subprocess.run([sys.executable, "-c", KILLER, *argv], capture_output=True,
@@ -1238,6 +1261,7 @@ def test_hard_kills_at_every_kind_of_moment_lose_nothing_and_the_run_finishes(tm
         if resumes:    # from the checkpoint and every episode on disk
             assert f"resuming from {logdir / 'checkpoint.pt'}: {200 * len(episodes)} env steps, " \
                    f"{len(episodes)} episodes" in proc.stdout, (kill, proc.stdout)
+            resumed += 1
         # Every file is whole: episodes, checkpoint and config load; no episode is lost.
         files = files_of(logdir)
         for path, data in episodes.items():
@@ -1256,6 +1280,7 @@ def test_hard_kills_at_every_kind_of_moment_lose_nothing_and_the_run_finishes(tm
             lines = lines[:-1]
         for line in lines:
             json.loads(line)
+    assert resumed == 7                      # the runs after "update:23" found a checkpoint
     final = run_cli(*argv)
     assert final.returncode == 0, final.stderr
     assert "done: 2000 env steps, 45 updates" in final.stdout     # 9 phases × 5, none twice
@@ -1269,6 +1294,13 @@ def test_hard_kills_at_every_kind_of_moment_lose_nothing_and_the_run_finishes(tm
     assert steps == sorted(steps)
     state = torch.load(logdir / "checkpoint.pt", weights_only=False)
     assert state["counters"]["updates"] == 45 and state["env_steps"] == 2000
+    # Temporary files that no later write reuses are removed too; a finished run changes nothing.
+    before = files_of(logdir)
+    for stale in ("checkpoint.pt.tmp", "episodes/000010.npz.tmp"):
+        (logdir / stale).write_bytes(b"left by a kill")
+    again = run_cli(*argv)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert files_of(logdir) == before
 
 
 def test_metrics_lines_are_strict_json_even_for_a_non_finite_value(tmp_path):
@@ -1280,7 +1312,8 @@ def test_metrics_lines_are_strict_json_even_for_a_non_finite_value(tmp_path):
 
 
 def test_out_of_memory_is_one_line(capsys, tmp_path):
-    assert d.main([*E2E, "--units", "10000000", "--logdir", str(tmp_path / "run")]) == 1
+    # 10¹² units: the first weight matrix alone asks for 160 TB, refused at once.
+    assert d.main([*E2E, "--units", "1000000000000", "--logdir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("dreamer.py: error: out of memory") and "\n" not in err
 
