@@ -337,15 +337,19 @@ class RSSM(nn.Module):
     def prior(self, z, h, action):
         """(Eq. 1) transition q(s_t | s_{t−1}, a_{t−1}). z [N, Z], h [N, D], action [N, A]
         → h_t [N, D] and the prior's mean, std [N, Z]."""
+        # EXERCISE rssm_prior: img_in, ELU, gru; then img_hidden, ELU, img_out, self._gaussian
         x = F.elu(self.img_in(torch.cat([z, action], -1)))
         h = self.gru(x, h)
         mean, std = self._gaussian(self.img_out(F.elu(self.img_hidden(h))))
         return h, mean, std
+        # END EXERCISE
 
     def posterior(self, h, embed):
         """(Eq. 1) representation p(s_t | s_{t−1}, a_{t−1}, o_t) given the new h_t [N, D] and
         the image embedding e_t [N, E] → the posterior's mean, std [N, Z]."""
+        # EXERCISE rssm_posterior: obs_hidden on [h_t, e_t], ELU, obs_out, self._gaussian
         return self._gaussian(self.obs_out(F.elu(self.obs_hidden(torch.cat([h, embed], -1)))))
+        # END EXERCISE
 
     def imagine_step(self, z, h, action):
         """One step of imagination: sample z_t from the prior. Reparameterised, so gradients
@@ -505,13 +509,16 @@ class ValueModel(nn.Module):
 def reward_sum(reward):
     """(Eq. 4) V_R(s_τ) = Σ_{n=τ}^{T−1} r_n: the imagined rewards up to the horizon, no value
     model (the paper's "no value" ablation, --value_estimate reward). [T, ...] → [T, ...]."""
+    # EXERCISE reward_sum: a cumulative sum over time, taken backwards
     return reward.flip(0).cumsum(0).flip(0)
+    # END EXERCISE
 
 
 def nstep_return(reward, value, discount, bootstrap, k):
     """(Eq. 5) V_N^k(s_τ) = Σ_{n=τ}^{h−1} γ^{n−τ}·r_n + γ^{h−τ}·v(s_h),  h = min(τ + k, T),
     with γ^{n−τ} read as the product of the discounts d_τ … d_{n−1}. [T, ...] → [T, ...].
     Written as the sum it is (O(T·k)); Eq. 6 mixes these for k = 1 … H."""
+    # EXERCISE nstep_return: per τ, sum to h = min(τ + k, T), multiplying the discounts as you go
     T = reward.shape[0]
     values = torch.cat([value, bootstrap[None]], 0)                     # v(s_0) … v(s_T)
     out = []
@@ -523,11 +530,13 @@ def nstep_return(reward, value, discount, bootstrap, k):
             weight = weight * discount[n]
         out.append(total + weight * values[h])                          # + γ^{h−τ}·v(s_h)
     return torch.stack(out, 0)
+    # END EXERCISE
 
 
 def lambda_return(reward, value, discount, bootstrap, lam):
     """(Eq. 6) R_t = r_t + d_t·((1−λ)·v_{t+1} + λ·R_{t+1}),  with v_T = R_T = bootstrap.
     reward, value, discount: time-major [T, ...]; bootstrap: [...] → returns [T, ...]."""
+    # EXERCISE lambda_return: scan t = T−1 … 0 from R_T = bootstrap; no loop over k is needed
     next_value = torch.cat([value[1:], bootstrap[None]], 0)            # v_{t+1}: [T, ...]
     inputs = reward + discount * (1 - lam) * next_value               # the part without R_{t+1}
     returns, last = [], bootstrap
@@ -535,6 +544,7 @@ def lambda_return(reward, value, discount, bootstrap, lam):
         last = inputs[t] + discount[t] * lam * last                     # R_t
         returns.append(last)
     return torch.stack(returns[::-1], 0)                                # [T, ...]
+    # END EXERCISE
 
 
 # ============================================================================================
@@ -560,7 +570,10 @@ def world_model_loss(wm, batch, cfg):
     """(Eq. 10) J_REC = E[Σ_t (J_O^t + J_R^t + J_D^t)], maximised; we minimise its negative,
     [official code] averaged over the L steps instead of summed (so free nats count per step).
     batch: obs uint8 [B, L, 3, 64, 64], action [B, L, A] (a_{t−1}), reward [B, L] (r_t).
-    Returns (loss, metrics, posterior states z [B, L, Z] and h [B, L, D])."""
+    Returns (loss, metrics, posterior states z [B, L, Z] and h [B, L, D]); metrics holds the
+    scalars model/loss, model/image_loss (−J_O), model/reward_loss (−J_R), model/kl (the mean
+    KL before free nats), model/prior_entropy and model/post_entropy."""
+    # EXERCISE world_model_loss: encode, rssm.observe, decode; β·max(KL, free nats) − J_O − J_R
     obs = preprocess(batch["obs"])                                  # [B, L, 3, 64, 64]
     embed = wm.encoder(obs)                                         # [B, L, E]
     s = wm.rssm.observe(embed, batch["action"])                     # each [B, L, ·]
@@ -585,6 +598,7 @@ def world_model_loss(wm, batch, cfg):
                "model/reward_loss": -reward_ll, "model/kl": kl,
                "model/prior_entropy": prior_ent.mean(), "model/post_entropy": post_ent.mean()}
     return loss, metrics, s["z"], s["h"]
+    # END EXERCISE
 
 
 def imagine(wm, actor, z, h, horizon):
@@ -593,6 +607,7 @@ def imagine(wm, actor, z, h, horizon):
     a_0 … a_{H−1} that led there, log q_φ(a_τ | s_τ): [H, N] (one step behind the feats).
     [official code] The actor sees its input state with the gradient stopped; the gradient of
     Eq. 7 reaches φ through the action a_τ and the imagined transitions that follow it."""
+    # EXERCISE imagine: H times: actor on sg(s_τ), then rssm.imagine_step; stack feats, log-probs
     feats, log_probs = [], []
     for _ in range(horizon):
         action, log_prob = actor(torch.cat([z, h], -1).detach())    # (Eq. 3) a_τ ~ q_φ(a | s_τ)
@@ -600,13 +615,18 @@ def imagine(wm, actor, z, h, horizon):
         feats.append(torch.cat([z, h], -1))
         log_probs.append(log_prob)
     return torch.stack(feats, 0), torch.stack(log_probs, 0)
+    # END EXERCISE
 
 
 def actor_loss(wm, actor, value_model, z, h, cfg):
     """(Eq. 7) max_φ E[Σ_{τ=t}^{t+H} V_λ(s_τ)], minimised as its negative.
     Start states: every posterior state of the batch, z [..., Z], h [..., D] (e.g. [B, L, ·]),
-    flattened to N = B·L starts with the gradient stopped [official code].
-    Returns (loss, feats [H, N, F], λ-returns [H−1, N], weights [H−1, N], metrics)."""
+    flattened to N = B·L starts with the gradient stopped [official code]. With
+    cfg.value_estimate == "reward" the target is V_R (Eq. 4) instead of V_λ, and
+    cfg.actor_entropy = η adds −η·(mean entropy estimate −ln q_φ) to the loss (not in the paper).
+    Returns (loss, feats [H, N, F], returns [H−1, N], weights [H−1, N], metrics); metrics holds
+    the scalars actor/loss, actor/entropy, behaviour/imagined_reward and behaviour/return."""
+    # EXERCISE actor_loss: imagine from sg(starts); V_λ of s_1…s_{H−1}; −mean(w·V_λ), w_τ = γ^(τ−1)
     z, h = z.detach().reshape(-1, z.shape[-1]), h.detach().reshape(-1, h.shape[-1])  # [N, ·]
     feats, log_probs = imagine(wm, actor, z, h, cfg.horizon)
     reward = wm.reward(feats)                                        # mean r(s_τ): [H, N]
@@ -633,16 +653,19 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
                "behaviour/imagined_reward": reward.detach().mean(),
                "behaviour/return": returns.detach().mean()}
     return loss, feats, returns, weights, metrics
+    # END EXERCISE
 
 
 def value_loss(value_model, feats, returns, weights):
     """(Eq. 8) min_ψ E[Σ_τ ½‖v_ψ(s_τ) − V_λ(s_τ)‖²], with the target V_λ gradient-stopped and
     the states detached: the value loss trains ψ alone. [official code] Step τ weighted by
     w_τ = γ^(τ−1), and averaged where Eq. 8 sums. feats [H, N, F], returns [H−1, N]."""
+    # EXERCISE value_loss: ½·(v_ψ(sg(s_τ)) − sg(V_λ))², weighted by w_τ, then the mean
     v = value_model(feats[:-1].detach())                             # [H−1, N]
     target = returns.detach()                                        # sg(V_λ)
     loss = (weights * 0.5 * (v - target) ** 2).mean()
     return loss, {"value/loss": loss, "value/mean": v.detach().mean()}
+    # END EXERCISE
 
 
 class Dreamer:
@@ -806,6 +829,7 @@ class ReplayBuffer:
         """B chunks of L consecutive rows: an episode uniformly at random, then a start uniformly
         at random [official code]. A chunk never crosses an episode boundary.
         → dict of arrays obs [B, L, 3, 64, 64] (uint8), action [B, L, A], reward [B, L]."""
+        # EXERCISE replay_sample: B times: an episode with ≥ L rows, a start, both uniform; np.stack
         eligible = [e for e in self.episodes if len(e["reward"]) >= length]
         if not eligible:
             raise ValueError(f"no episode in the replay has {length} steps to sample")
@@ -815,6 +839,7 @@ class ReplayBuffer:
             start = self.rng.integers(len(episode["reward"]) - length + 1)
             chunks.append({k: v[start:start + length] for k, v in episode.items()})
         return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+        # END EXERCISE
 
 
 # ============================================================================================
@@ -1005,6 +1030,21 @@ class StopFlag:
             raise KeyboardInterrupt
 
 
+def lock_logdir(logdir):
+    """An exclusive lock on LOGDIR/lock, held while the returned file stays open (the OS drops it
+    when the process ends, however it ends): two runs started on one logdir would number their
+    episodes alike and overwrite each other. Raises UserError if another process holds it."""
+    import fcntl                                         # POSIX (Linux, macOS)
+    lock = open(logdir / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{logdir} is in use by another run (it holds {logdir / 'lock'}); wait "
+                        f"for it to stop, or use another --logdir") from None
+    return lock
+
+
 def first_nonfinite(tensors):
     """The name of the first tensor of {name: tensor} holding a NaN or ±inf, else None (one
     device sync for all of them)."""
@@ -1074,6 +1114,7 @@ class Trainer:
         # Only now, with everything read back, is anything written to the logdir.
         try:
             self.logdir.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_logdir(self.logdir)
             config = json.dumps(self.config_record, indent=1).encode()
             save_atomically(self.logdir / "config.json", lambda f: f.write(config))
             for tmp in [*self.logdir.glob("*.tmp"), *self.logdir.glob("episodes/*.tmp")]:
@@ -1628,6 +1669,84 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
 
 
 # ============================================================================================
+# Exercises (python dreamer.py --make-exercise NAMES --out FILE): a student copy of this file
+# ============================================================================================
+# Each gradable piece's body sits between two marker lines, at the body's indentation:
+#     # EXERCISE name: a hint
+#     …the reference body…
+#     # END EXERCISE
+# make_exercise writes a copy of this file in which the named bodies become one line,
+#     raise NotImplementedError("Exercise name: a hint")
+# and everything else (signatures, docstrings with shapes and equations, the marker line with its
+# hint, the rest of the program) stays, so the copy imports and runs up to the missing piece.
+# Graders are the tests whose names contain the exercise's name:
+#     DREAMER_FILE=student/dreamer.py python -m pytest test_dreamer.py -k lambda_return
+
+EXERCISE_START = re.compile(r"^(?P<indent> *)# EXERCISE (?P<name>\w+): (?P<hint>.+)$")
+EXERCISE_END = re.compile(r"^ *# END EXERCISE$")
+
+
+def find_exercises(lines):
+    """The marked bodies of a source file's lines → {name: (start, end, indent, hint)}, where
+    lines[start] is the marker, lines[end] the END marker. Raises ValueError on a malformed or
+    repeated marker (a defect of this file, caught by its tests)."""
+    found, start = {}, None
+    for i, line in enumerate(lines):
+        m = EXERCISE_START.match(line)
+        if m:
+            if start is not None or m["name"] in found:
+                raise ValueError(f"line {i + 1}: exercise {m['name']} opens inside another "
+                                 f"or twice")
+            start = (i, m)
+        elif EXERCISE_END.match(line):
+            if start is None:
+                raise ValueError(f"line {i + 1}: END EXERCISE without an EXERCISE")
+            (j, m), start = start, None
+            found[m["name"]] = (j, i, m["indent"], m["hint"])
+    if start is not None:
+        raise ValueError(f"exercise {start[1]['name']} is never closed")
+    return found
+
+
+def make_exercise(names, out, source=__file__):
+    """Write a student copy of `source` (this file) to `out`, with the bodies of `names` (a list,
+    or ['all']) replaced by raise NotImplementedError("Exercise NAME: hint"). → the names cut.
+    Raises UserError for an unknown name or when `out` is `source` itself."""
+    lines = Path(source).read_text().splitlines(keepends=True)
+    found = find_exercises([line.rstrip("\n") for line in lines])
+    names = list(found) if names == ["all"] else names
+    unknown = [n for n in names if n not in found]
+    if unknown or not names:
+        raise UserError(f"unknown exercise {', '.join(unknown) or '(none given)'}; valid: "
+                        f"{', '.join(found)}, or all")
+    if Path(out).resolve() == Path(source).resolve():
+        raise UserError(f"--out {out} is the reference file itself; choose another path")
+    for name in sorted(names, key=lambda n: -found[n][0]):      # bottom up: indices stay valid
+        start, end, indent, hint = found[name]
+        message = repr(f"Exercise {name}: {hint}")
+        lines[start + 1:end] = [f"{indent}raise NotImplementedError({message})\n"]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(lines).encode()
+    save_atomically(out, lambda f: f.write(text))
+    return names
+
+
+def exercise_main(names, out):
+    """python dreamer.py --make-exercise NAMES --out FILE (or --make-exercise list)."""
+    found = find_exercises(Path(__file__).read_text().splitlines())
+    if names == "list":
+        for name, (start, _, _, hint) in found.items():
+            print(f"{name:18s} line {start + 2:5d}  {hint}")
+        return 0
+    if not out:
+        raise UserError("--make-exercise needs --out FILE, the student copy to write")
+    cut = make_exercise([n.strip() for n in names.split(",") if n.strip()], out)
+    print(f"wrote {out}: {len(cut)} exercise{'s' * (len(cut) != 1)} to do ({', '.join(cut)})")
+    print(f"grade: DREAMER_FILE={out} python -m pytest test_dreamer.py -k '{' or '.join(cut)}'")
+    return 0
+
+
+# ============================================================================================
 # main(): command line
 # ============================================================================================
 
@@ -1652,6 +1771,10 @@ def build_parser():
     p.add_argument("--evaluate", metavar="RUN", default=None,
                    help="evaluate the policy in RUN's checkpoint on --eval_episodes new "
                         "episodes (default: the run's own number), print the returns, exit")
+    p.add_argument("--make-exercise", "--make_exercise", metavar="NAMES", default=None,
+                   help="write a student copy of this file to --out with the bodies of NAMES "
+                        "(comma-separated, or all) cut out; 'list' lists them; exit")
+    p.add_argument("--out", metavar="FILE", default=None, help="where --make-exercise writes")
     for f in dataclasses.fields(Config):
         # default=None so we can tell a flag the user gave from one the preset should set.
         p.add_argument(f"--{f.name}", type=f.type,
@@ -1662,12 +1785,20 @@ def build_parser():
 def parse_args(argv=None):
     """→ (cfg, args). Preset first, then explicit flags; raises UserError on bad input."""
     args = build_parser().parse_args(argv)
+    given = [f"--{k}" for k in ("env", "preset", "logdir", "device", "evaluate")
+             if getattr(args, k) is not None]
+    given += [f"--{f.name}" for f in dataclasses.fields(Config)
+              if getattr(args, f.name) is not None]
+    given += ["--benchmark"] * args.benchmark
+    if args.make_exercise is not None:
+        if given:
+            raise UserError(f"--make-exercise takes only --out besides, not {' '.join(given)}")
+        return None, args
+    if args.out is not None:
+        raise UserError("--out goes with --make-exercise")
     if args.evaluate is not None:
         # The run's config.json decides everything but the number of episodes and the device.
-        extra = [f"--{k}" for k in ("env", "preset", "logdir") if getattr(args, k) is not None]
-        extra += [f"--{f.name}" for f in dataclasses.fields(Config)
-                  if getattr(args, f.name) is not None and f.name != "eval_episodes"]
-        extra += ["--benchmark"] * args.benchmark
+        extra = [g for g in given if g not in ("--evaluate", "--device", "--eval_episodes")]
         if not args.evaluate:
             raise UserError("--evaluate needs a run folder")
         if extra:
@@ -1709,6 +1840,8 @@ def main(argv=None):
     2 bad input, 130 interrupted (143 by SIGTERM). A non-zero status comes with a line on stderr."""
     try:
         cfg, args = parse_args(argv)
+        if args.make_exercise is not None:
+            return exercise_main(args.make_exercise, args.out)
         if cfg.precision == "bf16" and not bf16_is_native(torch.device(args.device)):
             print(f"dreamer.py: warning: {args.device} has no native bfloat16 arithmetic; "
                   f"--precision bf16 will be several times slower than fp32 here",
@@ -1728,7 +1861,10 @@ def main(argv=None):
               f"({torch.get_num_threads()} threads) | logdir {args.logdir}")
         print("parameters: " + " · ".join(f"{k} {count_parameters(m):,}"
                                           for k, m in counts.items()), flush=True)
-        return trainer.run()            # handles Ctrl-C itself once training has started
+        try:
+            return trainer.run()        # handles Ctrl-C itself once training has started
+        finally:
+            trainer.lock.close()        # frees the logdir for the next run (also in-process)
     except UserError as e:
         print(f"dreamer.py: error: {e}", file=sys.stderr)
         return 2

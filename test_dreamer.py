@@ -15,13 +15,21 @@ import sys
 import time
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
-import dreamer as d
-
 HERE = Path(__file__).resolve().parent
+# The file under test: dreamer.py beside this file, or a student's copy made by
+# `python dreamer.py --make-exercise NAMES --out FILE` and named by the environment variable
+# DREAMER_FILE. The same tests grade both: `DREAMER_FILE=FILE python -m pytest -k NAME`.
+DREAMER_FILE = Path(os.environ.get("DREAMER_FILE") or HERE / "dreamer.py").resolve()
+_spec = importlib.util.spec_from_file_location("dreamer", DREAMER_FILE)
+d = importlib.util.module_from_spec(_spec)
+sys.modules["dreamer"] = d
+_spec.loader.exec_module(d)
 
 
 def tiny_config(**overrides):
@@ -238,7 +246,7 @@ def test_kl_gaussian_matches_torch():
     torch.testing.assert_close(d.kl_gaussian(mq, sq, mp, sp), ref)
 
 
-def test_kl_term_equals_free_nats_when_posterior_equals_prior():
+def test_world_model_loss_kl_term_equals_free_nats_when_posterior_equals_prior():
     cfg = tiny_config()
     wm = d.WorldModel(cfg, 2)
     rssm = wm.rssm
@@ -252,7 +260,7 @@ def test_kl_term_equals_free_nats_when_posterior_equals_prior():
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])     # mean KL below, then above the free nats
-def test_kl_term_is_scaled_max_of_batch_mean_kl_post_prior_and_free_nats(scale):
+def test_world_model_loss_kl_term_is_scaled_max_of_mean_kl_and_free_nats(scale):
     cfg = tiny_config(kl_scale=2.0)
     wm = d.WorldModel(cfg, 2)
     B, L, Z = 3, 6, cfg.stoch_size
@@ -282,6 +290,55 @@ def test_rssm_stds_have_their_floor():
         torch.testing.assert_close(s[k], torch.full_like(s[k], cfg.min_std))
 
 
+def gru_step(cell, x, h):
+    """torch.nn.GRUCell written out (the gates of Keras' GRUCell with reset_after=True):
+    r, u = σ(W_i x + b_i + W_h h + b_h) for the reset and update gates,
+    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),  h' = (1 − u) ⊙ n + u ⊙ h."""
+    gi = x @ cell.weight_ih.t() + cell.bias_ih
+    gh = h @ cell.weight_hh.t() + cell.bias_hh
+    (ir, iu, i_n), (hr, hu, hn) = gi.chunk(3, -1), gh.chunk(3, -1)
+    r, u = torch.sigmoid(ir + hr), torch.sigmoid(iu + hu)
+    return (1 - u) * torch.tanh(i_n + r * hn) + u * h
+
+
+def dense(layer, x):
+    return x @ layer.weight.t() + layer.bias
+
+
+def test_rssm_prior_is_the_eq1_transition_step():
+    """q(s_t | s_{t−1}, a_{t−1}): h_t = GRU(h_{t−1}, ELU(W·[z_{t−1}, a_{t−1}] + b)), then
+    μ, σ = split(W₂·ELU(W₁·h_t + b₁) + b₂), σ = softplus(·) + min_std, written out by hand."""
+    cfg = tiny_config()
+    rssm = d.WorldModel(cfg, 2).rssm
+    g = torch.Generator().manual_seed(0)
+    z, h = torch.randn(4, cfg.stoch_size, generator=g), torch.randn(4, cfg.deter_size, generator=g)
+    a = torch.rand(4, 2, generator=g) * 2 - 1
+    with torch.no_grad():
+        h_t, mean, std = rssm.prior(z, h, a)
+        x = torch.nn.functional.elu(dense(rssm.img_in, torch.cat([z, a], 1)))
+        h_ref = gru_step(rssm.gru, x, h)
+        out = dense(rssm.img_out, torch.nn.functional.elu(dense(rssm.img_hidden, h_ref)))
+    torch.testing.assert_close(h_t, h_ref)
+    torch.testing.assert_close(mean, out[:, :cfg.stoch_size])
+    torch.testing.assert_close(std, torch.log1p(torch.exp(out[:, cfg.stoch_size:])) + cfg.min_std)
+
+
+def test_rssm_posterior_is_the_eq1_representation_step():
+    """p(s_t | s_{t−1}, a_{t−1}, o_t) given h_t and e_t: μ, σ = split(W₂·ELU(W₁·[h_t, e_t] + b₁)
+    + b₂), σ = softplus(·) + min_std, written out by hand."""
+    cfg = tiny_config()
+    rssm = d.WorldModel(cfg, 2).rssm
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, cfg.deter_size, generator=g)
+    e = torch.randn(4, 32 * cfg.cnn_depth, generator=g)
+    with torch.no_grad():
+        mean, std = rssm.posterior(h, e)
+        hidden = torch.nn.functional.elu(dense(rssm.obs_hidden, torch.cat([h, e], 1)))
+        out = dense(rssm.obs_out, hidden)
+    torch.testing.assert_close(mean, out[:, :cfg.stoch_size])
+    torch.testing.assert_close(std, torch.log1p(torch.exp(out[:, cfg.stoch_size:])) + cfg.min_std)
+
+
 def test_observe_uses_action_of_its_row_and_image_of_its_step():
     """Row t holds a_{t−1}: h_t depends on action[t] (and earlier), never on action[t+1];
     z_t is the posterior: it depends on the embedding of o_t, never on later ones."""
@@ -299,7 +356,7 @@ def test_observe_uses_action_of_its_row_and_image_of_its_step():
     assert gh[:, t].abs().sum() == 0          # h_t is the prior's: computed before seeing o_t
 
 
-def test_image_and_reward_log_likelihoods():
+def test_world_model_loss_image_and_reward_log_likelihoods():
     """J_O is summed over the 3·64·64 pixels (not averaged), J_R is per step; both unit-variance
     Gaussians (constants dropped). Checked with a decoder and reward head that predict zero."""
     cfg = tiny_config()
@@ -346,7 +403,7 @@ def test_behaviour_update_leaves_world_model_bit_identical(agent_and_start):
     assert all(p.requires_grad for p in agent.world_model.parameters())  # unfrozen afterwards
 
 
-def test_value_update_sends_no_gradient_to_actor_or_world_model(agent_and_start):
+def test_value_loss_sends_no_gradient_to_actor_or_world_model(agent_and_start):
     """Eq. 8 trains ψ alone: fed imagined states that still carry their graph (through the
     actor and the world model), update_value must leave every other gradient untouched."""
     agent, z, h = agent_and_start
@@ -362,7 +419,7 @@ def test_value_update_sends_no_gradient_to_actor_or_world_model(agent_and_start)
     assert not identical(value_before, snapshot(agent.value))       # … and it did train ψ
 
 
-def test_actor_gradient_flows_through_dynamics_and_value_target_carries_none(agent_and_start):
+def test_actor_loss_gradient_flows_through_dynamics_and_value_target_carries_none(agent_and_start):
     agent, z, h = agent_and_start
     cfg, wm = agent.cfg, agent.world_model
     loss, feats, returns, weights, _ = d.actor_loss(wm, agent.actor, agent.value, z, h, cfg)
@@ -544,7 +601,7 @@ def test_act_filters_with_the_posterior_and_remembers_the_executed_action():
     assert not torch.equal(z2, z3)                             # z_t depends on the image
 
 
-def test_actor_and_value_weights_are_cumulative_discounts(agent_and_start):
+def test_actor_loss_weights_are_cumulative_discounts(agent_and_start):
     agent, z, h = agent_and_start
     _, _, returns, weights, _ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h,
                                              agent.cfg)
@@ -552,6 +609,25 @@ def test_actor_and_value_weights_are_cumulative_discounts(agent_and_start):
     assert returns.shape == (H - 1, z.numel() // z.shape[-1])
     assert weights.shape == returns.shape
     torch.testing.assert_close(weights[:, 0], torch.tensor([g ** k for k in range(H - 1)]))
+
+
+def test_value_loss_is_eq8_weighted_half_squared_error_against_a_fixed_target():
+    """(Eq. 8) ½‖v_ψ(s_τ) − V_λ(s_τ)‖² over s_1 … s_{H−1}, step τ weighted by w_τ, averaged over
+    steps and starts [official code], written as a loop; the target carries no gradient."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    value = d.ValueModel(cfg)
+    H, N, F = 5, 7, cfg.stoch_size + cfg.deter_size
+    feats, returns = torch.randn(H, N, F), torch.randn(H - 1, N, requires_grad=True)
+    weights = torch.rand(H - 1, N)
+    loss, metrics = d.value_loss(value, feats, returns, weights)
+    with torch.no_grad():
+        total = sum(weights[t, n] * 0.5 * (value(feats[t, n]) - returns[t, n]) ** 2
+                    for t in range(H - 1) for n in range(N))
+    assert loss.item() == pytest.approx(total.item() / ((H - 1) * N), rel=1e-5)
+    assert metrics["value/loss"].item() == pytest.approx(loss.item())
+    loss.backward()
+    assert returns.grad is None                       # sg(V_λ): the target is not trained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,7 +855,7 @@ BAD_ARGS = [
     (["--action_repeat", "7", "--time_limit", "7000"], "not a multiple of --action_repeat 7"),
     (["--steps", "1000"], "before the first update"),
     (["--seed_episodes", "10", "--steps", "10000"], "before the first update"),
-    (["--env", "lqr_lqr_2_1"], "lqr_lqr_2_1 cannot be run by this agent: its action bounds are ±1e10"),
+    (["--env", "lqr_lqr_2_1"], "lqr_lqr_2_1 cannot be run by this agent: its action bounds"),
 ]
 
 
@@ -812,7 +888,7 @@ E2E = ["--env", "reacher_easy", "--preset", "tiny", "--time_limit", "200", "--tr
 
 def run_cli(*args, timeout=300):
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    return subprocess.run([sys.executable, str(HERE / "dreamer.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, str(DREAMER_FILE), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=HERE)
 
 
@@ -975,12 +1051,15 @@ def test_corrupt_checkpoint_and_episode_give_clear_error_and_destroy_nothing(tra
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sig, tmp_path):
     logdir = tmp_path / "run"
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    proc = subprocess.Popen([sys.executable, str(HERE / "dreamer.py"), *E2E, "--steps", "100000",
+    proc = subprocess.Popen([sys.executable, str(DREAMER_FILE), *E2E, "--steps", "100000",
                              "--logdir", str(logdir)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
     deadline = time.time() + 120
     while time.time() < deadline and not (logdir / "episodes" / "000001.npz").exists():
         time.sleep(0.2)
+    if sig == signal.SIGINT:   # meanwhile, a second run on the same logdir is refused
+        second = run_cli(*E2E, "--steps", "100000", "--logdir", str(logdir))
+        assert second.returncode == 2 and "is in use by another run" in second.stderr
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err          # 130 for Ctrl-C, 143 for SIGTERM
@@ -1097,13 +1176,16 @@ def test_divergence_after_a_checkpoint_keeps_it_and_every_episode(
     assert d.main([*E2E, "--steps", "4000", "--logdir", str(logdir)]) == 1
     err = capsys.readouterr().err.strip()
     expected = {"loss": r"diverged at update \d+: actor/\w+ is nan",
-                "parameter": r"diverged by update \d+: parameter value\.net\.0\.weight is not finite"}
+                "parameter": r"diverged by update \d+: parameter value\.net\.0\.weight is "
+                             r"not finite"}
     assert re.search(expected[where], err) and "\n" not in err, err
     assert len(calls) == {"loss": 3, "parameter": 5}[where]
     assert f"kept in {logdir}: the last checkpoint at " in err
     after, kept = files_of(logdir), lambda files: {k: v for k, v in files.items()
                                                    if k.suffix in (".pt", ".npz")}
-    assert kept(after) == kept(before) and len(kept(before)) == len(before) - 2
+    assert kept(after) == kept(before)
+    assert set(before) - set(kept(before)) == {Path("config.json"), Path("metrics.jsonl"),
+                                               Path("lock")}
     assert after[Path("metrics.jsonl")].startswith(before[Path("metrics.jsonl")])
     strict_json_lines(logdir / "metrics.jsonl")
 
@@ -1124,7 +1206,8 @@ def test_simulator_error_mid_run_saves_the_checkpoint_and_resumes(trained, tmp_p
         # and checkpoint at its end (a multiple of 400 env steps), 401–600 the episode after
         # (no checkpoint at its end), 601–800 the third: its env step 49.
         if len(calls) == 650:
-            raise control.PhysicsError("Physics state is invalid. Warning(s) raised: mjWARN_BADQACC")
+            raise control.PhysicsError("Physics state is invalid. Warning(s) raised: "
+                                       "mjWARN_BADQACC")
         return step(self, action)
 
     monkeypatch.setattr(control.Environment, "step", failing)
@@ -1149,12 +1232,14 @@ def test_simulator_error_mid_run_saves_the_checkpoint_and_resumes(trained, tmp_p
 # "what:n": at the n-th call of a function (an env step, an update, an evaluation step), in the
 # middle of the n-th write of an episode, a checkpoint or a metrics line ("torn": half of the
 # bytes are written), just before the n-th rename of a finished temporary file, or n tenths of
-# a second after start. The real code runs everywhere else.
+# a second after the training loop starts. The real code runs everywhere else.
 KILLER = r"""
-import io, json, os, signal, sys, threading
+import importlib.util, io, json, os, signal, sys, threading
 import numpy as np, torch
-sys.path.insert(0, os.environ["DREAMER_DIR"])
-import dreamer as d
+spec = importlib.util.spec_from_file_location("dreamer", os.environ["DREAMER_FILE"])
+d = importlib.util.module_from_spec(spec)
+sys.modules["dreamer"] = d
+spec.loader.exec_module(d)
 what, n = os.environ["KILL_AT"].split(":")
 count = [0]
 
@@ -1194,8 +1279,12 @@ def torn_log(self, step, metrics):
     real_log(self, step, metrics)
 
 real_log = d.Trainer.log
-if what == "time":
-    threading.Timer(int(n) / 10, die).start()
+if what == "time":                     # the clock starts with the training loop
+    real_run = d.Trainer.run
+    def timed_run(self):
+        threading.Timer(int(n) / 10, die).start()
+        return real_run(self)
+    d.Trainer.run = timed_run
 elif what == "env_step":
     before(d.DMCEnv, "step")
 elif what == "update":
@@ -1238,7 +1327,7 @@ KILLS = [
     ("torn_metrics:2", "a metrics line, half written, after the checkpoint"),
     ("eval_step:30", "an evaluation owed to the resume"),
     ("update:7", "an update of a phase owed to the resume"),
-    ("time:15", "1.5 s after start: wherever the run is"),
+    ("time:15", "1.5 s into the training loop: wherever the run is"),
     ("final_eval:1", "the final evaluation, every episode written"),
     ("final_checkpoint:1", "the final checkpoint, half written, on the resume that redoes the end"),
 ]
@@ -1251,7 +1340,7 @@ def test_hard_kills_at_every_kind_of_moment_lose_nothing_and_the_run_finishes(tm
     logdir = tmp_path / "run"
     argv = [*E2E, "--steps", "2000", "--logdir", str(logdir)]
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
-           "DREAMER_DIR": str(HERE)}
+           "DREAMER_FILE": str(DREAMER_FILE)}
     episodes, resumed = {}, 0
     for kill, moment in KILLS:
         resumes = (logdir / "checkpoint.pt").exists()
@@ -1372,3 +1461,67 @@ def test_plot_draws_curves_and_open_loop_and_refuses_a_bare_folder(trained, tmp_
     assert proc.returncode != 0
     err = proc.stderr.strip()
     assert err.startswith("plot.py: error:") and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercises: python dreamer.py --make-exercise NAMES --out FILE, graded by these same tests
+# ---------------------------------------------------------------------------------------------
+
+EXERCISES = ["rssm_prior", "rssm_posterior", "reward_sum", "nstep_return", "lambda_return",
+             "world_model_loss", "imagine", "actor_loss", "value_loss", "replay_sample"]
+
+
+def without_bodies(lines):
+    found = d.find_exercises(lines)
+    cut = {i for start, end, _, _ in found.values() for i in range(start + 1, end)}
+    return [line for i, line in enumerate(lines) if i not in cut], found
+
+
+def test_make_exercise_cuts_only_the_marked_bodies(tmp_path, capsys):
+    """The student copy differs from the reference only inside the marked bodies, each of which
+    is one raise naming the exercise and its hint; it imports, and the cut piece raises."""
+    reference = DREAMER_FILE.read_text().splitlines()
+    rest, found = without_bodies(reference)
+    assert list(found) == EXERCISES
+    student = tmp_path / "student" / "dreamer.py"
+    assert d.main(["--make-exercise", "all", "--out", str(student)]) == 0
+    assert f"grade: DREAMER_FILE={student}" in capsys.readouterr().out
+    lines = student.read_text().splitlines()
+    student_rest, student_found = without_bodies(lines)
+    assert student_rest == rest                        # putting the bodies back gives dreamer.py
+    for name, (start, end, indent, hint) in student_found.items():
+        assert end == start + 2 and lines[start + 1] == (
+            f"{indent}raise NotImplementedError({repr(f'Exercise {name}: {hint}')})")
+    spec = importlib.util.spec_from_file_location("student_dreamer", student)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)                      # everything else still imports
+    with pytest.raises(NotImplementedError, match="Exercise lambda_return: scan"):
+        copy.lambda_return(torch.zeros(3), torch.zeros(3), torch.ones(3), torch.zeros(()), 0.9)
+    assert d.main(["--make-exercise", "lambda_return,nope", "--out", str(student)]) == 2
+    assert d.main(["--make-exercise", "all", "--out", str(DREAMER_FILE)]) == 2
+    assert d.main(["--make-exercise", "list"]) == 0
+    assert capsys.readouterr().out.split()[::1][:1] == ["rssm_prior"]
+
+
+# Numbered ids, so that `-k NAME` selects the piece's graders and never this test.
+@pytest.mark.parametrize("name", EXERCISES, ids=[f"piece{i}" for i in range(len(EXERCISES))])
+def test_each_exercise_fails_its_graders_until_its_body_is_back(name, tmp_path):
+    """`DREAMER_FILE=copy pytest -k NAME` on a copy with only NAME cut: the graders exist and
+    every one of them fails (the reference passes them in this very suite)."""
+    student = tmp_path / "dreamer.py"
+    d.make_exercise([name], student, source=DREAMER_FILE)
+    graders = [t for t in globals() if t.startswith("test_") and name in t]
+    assert graders, f"no test is named after exercise {name}"
+    report = tmp_path / "report.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__)),
+                           "-k", f"{name} and not make_exercise and not each_exercise",
+                           f"--junitxml={report}"],
+                          capture_output=True, text=True, timeout=600, cwd=HERE,
+                          env={**os.environ, "DREAMER_FILE": str(student)})
+    import xml.etree.ElementTree as ET
+    cases = ET.parse(report).getroot().iter("testcase")
+    outcomes = {c.get("name"): [x.tag for x in c] for c in cases}
+    assert outcomes and proc.returncode == 1, proc.stdout[-2000:]
+    passed = [t for t, tags in outcomes.items() if not {"failure", "error", "skipped"} & set(tags)]
+    assert not passed, f"graders of {name} that pass without it: {passed}"
