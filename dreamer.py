@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import time
@@ -570,9 +571,12 @@ def world_model_loss(wm, batch, cfg):
     """(Eq. 10) J_REC = E[Σ_t (J_O^t + J_R^t + J_D^t)], maximised; we minimise its negative,
     [official code] averaged over the L steps instead of summed (so free nats count per step).
     batch: obs uint8 [B, L, 3, 64, 64], action [B, L, A] (a_{t−1}), reward [B, L] (r_t).
-    Returns (loss, metrics, posterior states z [B, L, Z] and h [B, L, D]); metrics holds the
-    scalars model/loss, model/image_loss (−J_O), model/reward_loss (−J_R), model/kl (the mean
-    KL before free nats), model/prior_entropy and model/post_entropy."""
+    Filter with wm.rssm.observe on the encoded preprocess(obs); J_O and J_R are unit-variance
+    Gaussian log-likelihoods without their constants, J_O summed over the 3·64·64 pixels; each
+    term, and the KL summed over z's dimensions, is averaged over B·L; free nats apply to the
+    batch-mean KL. Returns (loss, metrics, posterior states z [B, L, Z] and h [B, L, D]); metrics
+    holds 0-d tensors model/loss, model/image_loss (−J_O), model/reward_loss (−J_R), model/kl
+    (the mean KL before free nats), model/prior_entropy and model/post_entropy."""
     # EXERCISE world_model_loss: encode, rssm.observe, decode; β·max(KL, free nats) − J_O − J_R
     obs = preprocess(batch["obs"])                                  # [B, L, 3, 64, 64]
     embed = wm.encoder(obs)                                         # [B, L, E]
@@ -606,7 +610,8 @@ def imagine(wm, actor, z, h, horizon):
     z [N, Z], h [N, D] → feats of s_1 … s_H: [H, N, F], and the log-densities of the actions
     a_0 … a_{H−1} that led there, log q_φ(a_τ | s_τ): [H, N] (one step behind the feats).
     [official code] The actor sees its input state with the gradient stopped; the gradient of
-    Eq. 7 reaches φ through the action a_τ and the imagined transitions that follow it."""
+    Eq. 7 reaches φ through the action a_τ and the imagined transitions that follow it. Each
+    step calls actor(sg(cat(z, h))) (a sample) and then wm.rssm.imagine_step(z, h, a)."""
     # EXERCISE imagine: H times: actor on sg(s_τ), then rssm.imagine_step; stack feats, log-probs
     feats, log_probs = [], []
     for _ in range(horizon):
@@ -659,7 +664,9 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
 def value_loss(value_model, feats, returns, weights):
     """(Eq. 8) min_ψ E[Σ_τ ½‖v_ψ(s_τ) − V_λ(s_τ)‖²], with the target V_λ gradient-stopped and
     the states detached: the value loss trains ψ alone. [official code] Step τ weighted by
-    w_τ = γ^(τ−1), and averaged where Eq. 8 sums. feats [H, N, F], returns [H−1, N]."""
+    w_τ = γ^(τ−1), and averaged where Eq. 8 sums. feats [H, N, F] (v on feats[:−1], the states
+    the returns belong to), returns and weights [H−1, N]. → (loss, metrics with 0-d tensors
+    value/loss and value/mean, the mean of v)."""
     # EXERCISE value_loss: ½·(v_ψ(sg(s_τ)) − sg(V_λ))², weighted by w_τ, then the mean
     v = value_model(feats[:-1].detach())                             # [H−1, N]
     target = returns.detach()                                        # sg(V_λ)
@@ -827,7 +834,8 @@ class ReplayBuffer:
 
     def sample(self, batch_size, length):
         """B chunks of L consecutive rows: an episode uniformly at random, then a start uniformly
-        at random [official code]. A chunk never crosses an episode boundary.
+        at random [official code], both drawn with self.rng (its state is checkpointed, so a
+        resumed run samples as an unbroken one). A chunk never crosses an episode boundary.
         → dict of arrays obs [B, L, 3, 64, 64] (uint8), action [B, L, A], reward [B, L]."""
         # EXERCISE replay_sample: B times: an episode with ≥ L rows, a start, both uniform; np.stack
         eligible = [e for e in self.episodes if len(e["reward"]) >= length]
@@ -1034,7 +1042,10 @@ def lock_logdir(logdir):
     """An exclusive lock on LOGDIR/lock, held while the returned file stays open (the OS drops it
     when the process ends, however it ends): two runs started on one logdir would number their
     episodes alike and overwrite each other. Raises UserError if another process holds it."""
-    import fcntl                                         # POSIX (Linux, macOS)
+    try:
+        import fcntl                                     # POSIX (Linux, macOS)
+    except ImportError:                                  # Windows: no lock, as before
+        return contextlib.nullcontext()
     lock = open(logdir / "lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1683,7 +1694,7 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
 #     DREAMER_FILE=student/dreamer.py python -m pytest test_dreamer.py -k lambda_return
 
 EXERCISE_START = re.compile(r"^(?P<indent> *)# EXERCISE (?P<name>\w+): (?P<hint>.+)$")
-EXERCISE_END = re.compile(r"^ *# END EXERCISE$")
+EXERCISE_END = re.compile(r"^ *# END EXERCISE\s*$")
 
 
 def find_exercises(lines):
@@ -1712,15 +1723,15 @@ def make_exercise(names, out, source=__file__):
     """Write a student copy of `source` (this file) to `out`, with the bodies of `names` (a list,
     or ['all']) replaced by raise NotImplementedError("Exercise NAME: hint"). → the names cut.
     Raises UserError for an unknown name or when `out` is `source` itself."""
-    lines = Path(source).read_text().splitlines(keepends=True)
-    found = find_exercises([line.rstrip("\n") for line in lines])
-    names = list(found) if names == ["all"] else names
+    lines = Path(source).read_text(encoding="utf-8").splitlines(keepends=True)
+    found = find_exercises([line.rstrip("\r\n") for line in lines])
+    names = list(found) if names == ["all"] else list(dict.fromkeys(names))   # no repeats
     unknown = [n for n in names if n not in found]
     if unknown or not names:
         raise UserError(f"unknown exercise {', '.join(unknown) or '(none given)'}; valid: "
-                        f"{', '.join(found)}, or all")
-    if Path(out).resolve() == Path(source).resolve():
-        raise UserError(f"--out {out} is the reference file itself; choose another path")
+                        f"{', '.join(found)}, or all (alone)")
+    if Path(out).exists():   # never overwrite a student's work, nor the reference
+        raise UserError(f"--out {out} exists; remove it first or choose another path")
     for name in sorted(names, key=lambda n: -found[n][0]):      # bottom up: indices stay valid
         start, end, indent, hint = found[name]
         message = repr(f"Exercise {name}: {hint}")
@@ -1733,7 +1744,7 @@ def make_exercise(names, out, source=__file__):
 
 def exercise_main(names, out):
     """python dreamer.py --make-exercise NAMES --out FILE (or --make-exercise list)."""
-    found = find_exercises(Path(__file__).read_text().splitlines())
+    found = find_exercises(Path(__file__).read_text(encoding="utf-8").splitlines())
     if names == "list":
         for name, (start, _, _, hint) in found.items():
             print(f"{name:18s} line {start + 2:5d}  {hint}")
@@ -1742,7 +1753,9 @@ def exercise_main(names, out):
         raise UserError("--make-exercise needs --out FILE, the student copy to write")
     cut = make_exercise([n.strip() for n in names.split(",") if n.strip()], out)
     print(f"wrote {out}: {len(cut)} exercise{'s' * (len(cut) != 1)} to do ({', '.join(cut)})")
-    print(f"grade: DREAMER_FILE={out} python -m pytest test_dreamer.py -k '{' or '.join(cut)}'")
+    tests = shlex.quote(str(Path(__file__).resolve().with_name("test_dreamer.py")))
+    print(f"grade: DREAMER_FILE={shlex.quote(str(out))} python -m pytest {tests} "
+          f"-k '{' or '.join(cut)}'")
     return 0
 
 
@@ -1864,7 +1877,7 @@ def main(argv=None):
         try:
             return trainer.run()        # handles Ctrl-C itself once training has started
         finally:
-            trainer.lock.close()        # frees the logdir for the next run (also in-process)
+            trainer.lock.__exit__(None, None, None)   # frees the logdir (also in-process)
     except UserError as e:
         print(f"dreamer.py: error: {e}", file=sys.stderr)
         return 2
@@ -1873,6 +1886,11 @@ def main(argv=None):
         return 1
     except OSError as e:   # a read or write outside the logdir's checks, e.g. a full disk
         print(f"dreamer.py: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except NotImplementedError as e:
+        if not str(e).startswith("Exercise "):
+            raise
+        print(f"dreamer.py: error: not implemented yet: {e}", file=sys.stderr)
         return 1
     except Exception as e:
         if not out_of_memory(e):

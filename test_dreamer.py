@@ -85,32 +85,56 @@ def test_lambda_return_equals_explicit_eq5_eq6_sum(gamma, lam):
                                                                      gamma, lam), rtol=1e-10)
 
 
-def test_eq5_nstep_return_and_eq4_reward_sum_equal_explicit_sums():
+def explicit_nstep(r, v, disc, boot, k):
+    """(Eq. 5) with per-step discounts, as a float64 loop: V_N^k(s_τ) = Σ_{n=τ}^{h−1}
+    (Π_{m=τ}^{n−1} d_m)·r_n + (Π_{m=τ}^{h−1} d_m)·v(s_h), h = min(τ + k, T), v(s_T) = bootstrap.
+    r, v, disc: [T, N]; boot: [N] → [T, N]."""
+    T, N = r.shape
+    values = np.concatenate([v, boot[None]], 0)
+    out = np.zeros((T, N))
+    for n in range(N):
+        for tau in range(T):
+            h = min(tau + k, T)
+            out[tau, n] = sum(np.prod(disc[tau:i, n]) * r[i, n] for i in range(tau, h)) \
+                + np.prod(disc[tau:h, n]) * values[h, n]
+    return out
+
+
+def per_step_discounts(rng, T, N):
+    disc = rng.uniform(0.5, 1.0, size=(T, N))
+    disc[3, 1] = 0.0                             # an imagined end: nothing after it counts
+    return disc
+
+
+def test_nstep_return_is_eq5_with_per_step_discounts():
     rng = np.random.default_rng(2)
-    T, N, gamma = 7, 3, 0.9
+    T, N = 7, 3
     r, v, boot = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=N)
-    disc = gamma * torch.ones(T, N, dtype=torch.float64)
+    disc = per_step_discounts(rng, T, N)
     for k in (1, 3, T):
-        got = d.nstep_return(torch.tensor(r), torch.tensor(v), disc, torch.tensor(boot), k)
-        for n in range(N):
-            values = np.append(v[:, n], boot[n])
-            for tau in range(T):
-                h = min(tau + k, T)
-                ref = sum(gamma ** (i - tau) * r[i, n] for i in range(tau, h))
-                assert got[tau, n].item() == pytest.approx(ref + gamma ** (h - tau) * values[h])
-    # Eq. 6 built from the code's own Eq. 5 agrees with the recursion too.
-    lam = 0.8
-    mix = torch.stack([
-        (1 - lam) * sum(lam ** (n - 1) * d.nstep_return(torch.tensor(r[t:]), torch.tensor(v[t:]),
-                                                          disc[t:], torch.tensor(boot), n)[0]
-                        for n in range(1, T - t))
-        + lam ** (T - t - 1) * d.nstep_return(torch.tensor(r[t:]), torch.tensor(v[t:]), disc[t:],
-                                              torch.tensor(boot), T - t)[0] for t in range(T)])
-    torch.testing.assert_close(mix, d.lambda_return(torch.tensor(r), torch.tensor(v), disc,
-                                                    torch.tensor(boot), lam))
-    # Eq. 4: undiscounted rewards to the horizon, no values.
+        got = d.nstep_return(*map(torch.tensor, (r, v, disc, boot)), k)
+        np.testing.assert_allclose(got.numpy(), explicit_nstep(r, v, disc, boot, k), rtol=1e-9)
+
+
+def test_lambda_return_is_the_eq6_mix_of_eq5_with_per_step_discounts():
+    """Eq. 6 as the explicit λ-weighted mix of explicit Eq. 5 terms (no code under test in the
+    reference), with a different discount at every step and one discount of 0."""
+    rng = np.random.default_rng(3)
+    T, N, lam = 7, 3, 0.8
+    r, v, boot = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=N)
+    disc = per_step_discounts(rng, T, N)
+    mix = np.stack([(1 - lam) * sum(lam ** (n - 1) * explicit_nstep(
+                        r[t:], v[t:], disc[t:], boot, n)[0] for n in range(1, T - t))
+                    + lam ** (T - t - 1) * explicit_nstep(r[t:], v[t:], disc[t:], boot, T - t)[0]
+                    for t in range(T)])
+    got = d.lambda_return(*map(torch.tensor, (r, v, disc, boot)), lam)
+    np.testing.assert_allclose(got.numpy(), mix, rtol=1e-9)
+
+
+def test_reward_sum_is_eq4_undiscounted_sum_to_the_horizon():
+    r = np.random.default_rng(4).normal(size=(7, 3))
     np.testing.assert_allclose(d.reward_sum(torch.tensor(r)).numpy(),
-                               np.array([r[t:].sum(0) for t in range(T)]))
+                               np.array([r[t:].sum(0) for t in range(7)]))
 
 
 def test_lambda_return_special_cases():
@@ -246,17 +270,25 @@ def test_kl_gaussian_matches_torch():
     torch.testing.assert_close(d.kl_gaussian(mq, sq, mp, sp), ref)
 
 
+def perfect_heads(wm, batch):
+    """Decoder and reward head that predict the batch exactly: J_O = J_R = 0, so the loss of
+    Eq. 10 is its KL term alone (no float32 cancellation against a large image loss)."""
+    wm.decoder.forward = lambda feat: d.preprocess(batch["obs"])
+    wm.reward.forward = lambda feat: batch["reward"]
+
+
 def test_world_model_loss_kl_term_equals_free_nats_when_posterior_equals_prior():
+    torch.manual_seed(0)
     cfg = tiny_config()
     wm = d.WorldModel(cfg, 2)
-    rssm = wm.rssm
+    rssm, batch = wm.rssm, fake_batch(cfg)
     # Make the posterior the prior: same mean and std as the transition model gives for h_t.
     rssm.posterior = lambda h, embed: rssm._gaussian(rssm.img_out(torch.nn.functional.elu(
         rssm.img_hidden(h))))
-    loss, metrics, _, _ = d.world_model_loss(wm, fake_batch(cfg), cfg)
+    perfect_heads(wm, batch)
+    loss, metrics, _, _ = d.world_model_loss(wm, batch, cfg)
     assert metrics["model/kl"].item() == pytest.approx(0.0, abs=1e-6)
-    kl_term = loss - metrics["model/image_loss"] - metrics["model/reward_loss"]
-    assert kl_term.item() == pytest.approx(cfg.free_nats, rel=1e-5)
+    assert loss.item() == pytest.approx(cfg.free_nats, rel=1e-5)
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])     # mean KL below, then above the free nats
@@ -269,15 +301,15 @@ def test_world_model_loss_kl_term_is_scaled_max_of_mean_kl_and_free_nats(scale):
              "post_std": torch.rand(B, L, Z, generator=g) + 0.2,
              "prior_mean": torch.zeros(B, L, Z), "prior_std": torch.ones(B, L, Z)}
     stats["post_mean"][0] *= 4            # per-step KLs on both sides of the free nats
-    observe = wm.rssm.observe
+    observe, batch = wm.rssm.observe, fake_batch(cfg, B=B, L=L)
     wm.rssm.observe = lambda embed, action: {**observe(embed, action), **stats}
-    loss, metrics, _, _ = d.world_model_loss(wm, fake_batch(cfg, B=B, L=L), cfg)
+    perfect_heads(wm, batch)
+    loss, metrics, _, _ = d.world_model_loss(wm, batch, cfg)
     ref = torch.distributions.kl_divergence(    # KL(posterior ‖ prior), Σ over z, mean over B, L
         torch.distributions.Normal(stats["post_mean"], stats["post_std"]),
         torch.distributions.Normal(stats["prior_mean"], stats["prior_std"])).sum(-1).mean()
     assert metrics["model/kl"].item() == pytest.approx(ref.item(), rel=1e-5)
-    kl_term = loss - metrics["model/image_loss"] - metrics["model/reward_loss"]
-    assert kl_term.item() == pytest.approx(2.0 * max(ref.item(), cfg.free_nats), rel=1e-5)
+    assert loss.item() == pytest.approx(2.0 * max(ref.item(), cfg.free_nats), rel=1e-5)
 
 
 def test_rssm_stds_have_their_floor():
@@ -321,6 +353,10 @@ def test_rssm_prior_is_the_eq1_transition_step():
     torch.testing.assert_close(h_t, h_ref)
     torch.testing.assert_close(mean, out[:, :cfg.stoch_size])
     torch.testing.assert_close(std, torch.log1p(torch.exp(out[:, cfg.stoch_size:])) + cfg.min_std)
+    inputs = [x.clone().requires_grad_() for x in (z, h, a)]   # gradients reach every input
+    h_t, mean, std = rssm.prior(*inputs)
+    grads = torch.autograd.grad((h_t.sum() + mean.sum() + std.sum()), inputs)
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def test_rssm_posterior_is_the_eq1_representation_step():
@@ -337,6 +373,9 @@ def test_rssm_posterior_is_the_eq1_representation_step():
         out = dense(rssm.obs_out, hidden)
     torch.testing.assert_close(mean, out[:, :cfg.stoch_size])
     torch.testing.assert_close(std, torch.log1p(torch.exp(out[:, cfg.stoch_size:])) + cfg.min_std)
+    inputs = [x.clone().requires_grad_() for x in (h, e)]      # gradients reach every input
+    mean, std = rssm.posterior(*inputs)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(mean.sum() + std.sum(), inputs))
 
 
 def test_observe_uses_action_of_its_row_and_image_of_its_step():
@@ -380,11 +419,12 @@ def test_world_model_loss_image_and_reward_log_likelihoods():
 
 @pytest.fixture
 def agent_and_start():
+    """An agent and start states z [3, 6, Z], h [3, 6, D] drawn at random, not filtered by the
+    world model, so that the behaviour graders do not run world_model_loss or the RSSM steps."""
     torch.manual_seed(0)
     cfg = tiny_config()
     agent = d.Dreamer(cfg, 2)
-    z, h, _ = agent.update_world_model(fake_batch(cfg))
-    return agent, z, h
+    return agent, torch.randn(3, 6, cfg.stoch_size), torch.randn(3, 6, cfg.deter_size)
 
 
 def test_behaviour_update_leaves_world_model_bit_identical(agent_and_start):
@@ -443,7 +483,7 @@ def test_actor_loss_gradient_flows_through_dynamics_and_value_target_carries_non
     assert all(g is not None for g in torch.autograd.grad(vloss, list(agent.value.parameters())))
 
 
-def test_train_step_imagines_in_the_world_model_from_before_its_step():
+def test_train_step_learns_behaviour_in_the_world_model_from_before_its_step():
     """[official code] all three losses use the pre-update parameters: the actor after
     train_step equals an actor trained in the not-yet-stepped world model, not in the stepped one."""
     import copy
@@ -466,7 +506,7 @@ def test_train_step_imagines_in_the_world_model_from_before_its_step():
     assert not identical(official, actor_after(True))
 
 
-def test_no_value_ablation_uses_reward_sums(agent_and_start):
+def test_actor_loss_no_value_ablation_targets_eq4(agent_and_start):
     agent, z, h = agent_and_start
     cfg = dataclasses.replace(agent.cfg, value_estimate="reward")
     torch.manual_seed(5)
@@ -475,6 +515,41 @@ def test_no_value_ablation_uses_reward_sums(agent_and_start):
     H = cfg.horizon                                            # (Eq. 4) V_R(s_τ) = Σ_{n=τ}^{H} r_n
     expected = torch.stack([sum(reward[n] for n in range(tau, H)) for tau in range(H - 1)])
     torch.testing.assert_close(returns, expected)
+
+
+def test_imagine_rolls_the_actor_and_the_transition_forward_h_steps():
+    """(Sec. 3) From s_0 = (z, h), H times: a_τ, ln q_φ(a_τ | s_τ) = actor(sg(cat(z_τ, h_τ))),
+    sampled, then (z, h) ← rssm.imagine_step(z, h, a_τ). feats [H, N, F] = cat(z, h) of s_1 …
+    s_H; log-probs [H, N] those of a_0 … a_{H−1}. Stub actor and transition make it exact."""
+    cfg = tiny_config()
+    wm = d.WorldModel(cfg, 2)
+    N, Z, H = 4, cfg.stoch_size, 3
+    seen = []
+
+    def actor(feat, sample=True):
+        seen.append((feat.detach().clone(), feat.requires_grad, sample))
+        return torch.tanh(feat[:, :2]), torch.full((feat.shape[0],), float(len(seen)))
+
+    def transition(z, h, action):
+        return z + 1 + action.sum(-1, keepdim=True), 0.5 * h
+
+    wm.rssm.imagine_step = transition
+    z0 = torch.randn(N, Z, requires_grad=True)
+    h0 = torch.randn(N, cfg.deter_size, requires_grad=True)
+    feats, log_probs = d.imagine(wm, actor, z0, h0, H)
+    z, h, expected, inputs = z0.detach(), h0.detach(), [], []
+    for _ in range(H):
+        inputs.append(torch.cat([z, h], -1))
+        z, h = transition(z, h, torch.tanh(inputs[-1][:, :2]))
+        expected.append(torch.cat([z, h], -1))
+    assert feats.shape == (H, N, Z + cfg.deter_size) and log_probs.shape == (H, N)
+    torch.testing.assert_close(feats.detach(), torch.stack(expected))
+    torch.testing.assert_close(log_probs, torch.arange(1.0, H + 1)[:, None].expand(H, N))
+    assert len(seen) == H
+    for (feat, needs_grad, sample), want in zip(seen, inputs):
+        torch.testing.assert_close(feat, want)
+        assert not needs_grad and sample is True      # sg(s_τ), and a sample, not the mode
+    assert feats.requires_grad                        # the states keep their path to the action
 
 
 def test_actor_sees_detached_states_and_first_imagined_state_follows_first_action(
@@ -491,7 +566,7 @@ def test_actor_sees_detached_states_and_first_imagined_state_follows_first_actio
     assert any(g is not None and g.abs().sum() > 0 for g in first)   # s_1 follows a_0
 
 
-def test_actor_loss_targets_lambda_returns_of_its_own_imagination(agent_and_start):
+def test_actor_loss_targets_the_returns_of_its_own_imagination(agent_and_start):
     agent, z, h = agent_and_start
     cfg = agent.cfg
     loss, feats, returns, _, _ = d.actor_loss(agent.world_model, agent.actor, agent.value,
@@ -535,7 +610,7 @@ def test_actor_step_increases_the_objective_of_eq7(agent_and_start):
     assert objective() > before
 
 
-def test_entropy_bonus_is_off_by_default_and_pulls_a_saturated_actor_back(agent_and_start):
+def test_actor_loss_entropy_bonus_is_off_by_default_and_pulls_a_saturated_actor_back(agent_and_start):
     """--actor_entropy η (not in the paper; default 0) subtracts η·E[−ln q_φ(a_τ | s_τ)] from the
     actor loss. At saturation (tanh u ≈ ±1) the return's gradient on the mean vanishes; the
     bonus's does not, and points back toward the middle of the action range."""
@@ -655,7 +730,7 @@ class CountingEnv:
         return self.image(), 10.0 * float(action[0]) + self.t, self.t >= self.length
 
 
-def test_replay_rows_hold_previous_action_and_reward_received_with_observation(tmp_path):
+def test_replay_sample_rows_hold_previous_action_and_reward_received_with_observation(tmp_path):
     replay = d.ReplayBuffer(tmp_path / "episodes", seed=0)
     for i, length in enumerate([20, 35, 8]):          # the 8-step episode is too short for L=10
         policy = lambda obs, state: (np.array([obs[1, 0, 0] / 100.0]), None)   # a_t = t/100
