@@ -631,7 +631,7 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     cfg.actor_entropy = η adds −η·(mean entropy estimate −ln q_φ) to the loss (not in the paper).
     Returns (loss, feats [H, N, F], returns [H−1, N], weights [H−1, N], metrics); metrics holds
     the scalars actor/loss, actor/entropy, behaviour/imagined_reward and behaviour/return."""
-    # EXERCISE actor_loss: imagine from sg(starts); V_λ of s_1…s_{H−1}; −mean(w·V_λ), w_τ = γ^(τ−1)
+    # EXERCISE actor_loss: imagine from sg(starts); V_λ of s_1…s_{H−1}; −mean(w_τ·V_λ)
     z, h = z.detach().reshape(-1, z.shape[-1]), h.detach().reshape(-1, h.shape[-1])  # [N, ·]
     feats, log_probs = imagine(wm, actor, z, h, cfg.horizon)
     reward = wm.reward(feats)                                        # mean r(s_τ): [H, N]
@@ -1042,11 +1042,11 @@ def lock_logdir(logdir):
     """An exclusive lock on LOGDIR/lock, held while the returned file stays open (the OS drops it
     when the process ends, however it ends): two runs started on one logdir would number their
     episodes alike and overwrite each other. Raises UserError if another process holds it."""
+    lock = open(logdir / "lock", "w")
     try:
         import fcntl                                     # POSIX (Linux, macOS)
-    except ImportError:                                  # Windows: no lock, as before
-        return contextlib.nullcontext()
-    lock = open(logdir / "lock", "w")
+    except ImportError:                                  # Windows: the file, but no lock
+        return lock
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1218,13 +1218,14 @@ class Trainer:
         head = data[:keep]
         head = head[:head.rfind(b"\n") + 1]                        # whole lines only
         logged = head.count(b'"train/return"')                     # episodes already logged
-        R, new, steps = self.cfg.action_repeat, [], 0
+        new, steps = [], 0
         for i, episode in enumerate(self.replay.episodes):
-            steps += R * (len(episode["reward"]) - 1)
+            length = self.cfg.action_repeat * (len(episode["reward"]) - 1)   # env steps
+            steps += length
             if i >= logged:
                 ret = float(np.sum(episode["reward"], dtype=np.float64))
                 new.append(json.dumps({"step": steps, "train/return": ret,
-                                       "train/length": R * (len(episode["reward"]) - 1)}))
+                                       "train/length": length}))
         fixed = head + "".join(line + "\n" for line in new).encode()
         if fixed != data:
             save_atomically(path, lambda f: f.write(fixed))
@@ -1722,7 +1723,7 @@ def find_exercises(lines):
 def make_exercise(names, out, source=__file__):
     """Write a student copy of `source` (this file) to `out`, with the bodies of `names` (a list,
     or ['all']) replaced by raise NotImplementedError("Exercise NAME: hint"). → the names cut.
-    Raises UserError for an unknown name or when `out` is `source` itself."""
+    Raises UserError for an unknown name or when `out` exists (the reference, a student's work)."""
     lines = Path(source).read_text(encoding="utf-8").splitlines(keepends=True)
     found = find_exercises([line.rstrip("\r\n") for line in lines])
     names = list(found) if names == ["all"] else list(dict.fromkeys(names))   # no repeats
@@ -1744,8 +1745,8 @@ def make_exercise(names, out, source=__file__):
 
 def exercise_main(names, out):
     """python dreamer.py --make-exercise NAMES --out FILE (or --make-exercise list)."""
-    found = find_exercises(Path(__file__).read_text(encoding="utf-8").splitlines())
     if names == "list":
+        found = find_exercises(Path(__file__).read_text(encoding="utf-8").splitlines())
         for name, (start, _, _, hint) in found.items():
             print(f"{name:18s} line {start + 2:5d}  {hint}")
         return 0
@@ -1877,7 +1878,7 @@ def main(argv=None):
         try:
             return trainer.run()        # handles Ctrl-C itself once training has started
         finally:
-            trainer.lock.__exit__(None, None, None)   # frees the logdir (also in-process)
+            trainer.lock.close()        # frees the logdir for the next run (also in-process)
     except UserError as e:
         print(f"dreamer.py: error: {e}", file=sys.stderr)
         return 2
