@@ -42,9 +42,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Headless MuJoCo rendering must be chosen before dm_control is first imported (it is imported
-# lazily, inside make_env). EGL works without a display; a user's own setting wins.
-os.environ.setdefault("MUJOCO_GL", "egl")
+
+def headless_gl(environ, platform):
+    """MuJoCo's renderer must be chosen before dm_control is first imported (lazily, in
+    make_env). → "egl" for a Linux machine without a display (EGL renders headless, on a GPU or
+    with Mesa in software), else None: a user's own MUJOCO_GL wins, and on a desktop, macOS or
+    Windows dm_control's own choice (GLFW) stands. Where none works, MUJOCO_GL=osmesa renders
+    in software."""
+    if "MUJOCO_GL" in environ or not platform.startswith("linux"):
+        return None
+    return None if environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY") else "egl"
+
+
+if headless_gl(os.environ, sys.platform):
+    os.environ["MUJOCO_GL"] = "egl"
 
 import numpy as np
 import torch
@@ -126,6 +137,8 @@ class Config:
     actor_mean_scale: float = _f(5.0, "mean = s·tanh(μ/s) bounds the actor's mean [official]")
     actor_init_std: float = _f(5.0, "actor std at initialisation [official code]")
     actor_min_std: float = _f(1e-4, "floor on the actor's std [official code]")
+    actor_dist: str = _f("tanh_normal", "the actor's distribution: tanh_normal (Eq. 3) or "
+                                        "trunc_normal (DreamerV2's; not in the paper)")
     actor_entropy: float = _f(0.0, "η: weight of an entropy bonus in the actor loss (not in "
                                    "the paper, which has 0; DreamerV2 uses 1e-4)")
     expl_noise: float = _f(0.3, "std of Gaussian noise added to actions while collecting (paper)")
@@ -148,10 +161,10 @@ PRESETS = {
     # Sized by measurement for one run on a 2-core CPU, so that 100k env steps take under 2 hours
     # (2-core AVX2 CPU, 2 threads: ~0.95 s per update, ~80 env steps/s collecting; a measured
     # run on reacher_easy took 1 h 58 min, so this is the most 2 hours hold; on a 2-core AVX-512
-    # CPU, 1 h 21 min; twice the updates learned no more in one seed: README "Does it learn?").
+    # CPU, 1 h 21 min; twice the updates learned no more in one seed: results/README.md).
     # Compute per 1000 env steps is 45 updates of 8×50 sequences, ~7% of the paper's 100 of
     # 50×50; the networks are half as wide. Action repeat (2), 64×64 pixels, horizon, learning
-    # rates and all loss terms are the paper's. README: "--preset cpu".
+    # rates and all loss terms are the paper's. README: "Presets and flags".
     "cpu": dict(steps=100_000, train_steps=45, batch_size=8, cnn_depth=16, units=200,
                 shadow_size=256, eval_episodes=5),
 }
@@ -167,7 +180,7 @@ def validate(cfg):
     checks that need the task (its episode length) are in check_task_fits."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name in ("precision", "value_estimate"):
+        if f.name in ("precision", "value_estimate", "actor_dist"):
             continue
         if not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
@@ -182,6 +195,14 @@ def validate(cfg):
             raise UserError(f"--{f.name} must be > 0, got {v}")
     if cfg.value_estimate not in ("lambda", "reward"):
         raise UserError(f"--value_estimate must be lambda or reward, got {cfg.value_estimate!r}")
+    if cfg.actor_dist not in ACTORS:
+        raise UserError(f"--actor_dist must be one of {', '.join(ACTORS)}, got {cfg.actor_dist!r}")
+    if cfg.actor_dist == "trunc_normal":
+        for name in ("actor_mean_scale", "actor_init_std", "actor_min_std"):
+            if getattr(cfg, name) != Config.__dataclass_fields__[name].default:
+                raise UserError(f"--{name} shapes the tanh_normal actor only; the trunc_normal "
+                                f"actor has DreamerV2's fixed bounds (μ in (−1, 1), σ in "
+                                f"(0.1, 2.1))")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.shadow_size > 8192:
@@ -478,6 +499,56 @@ class Actor(nn.Module):
         return action, (normal - log_det).sum(-1)
 
 
+class TruncatedNormalActor(Actor):
+    """Not in the paper: DreamerV2's continuous actor (Hafner et al. 2021, "Mastering Atari with
+    Discrete World Models", its code's DMC configuration), chosen by --actor_dist trunc_normal;
+    README: "When the actor collapses". The action is drawn from a normal distribution truncated
+    to [−1, 1] itself, with no tanh after the sample:
+
+        q_φ(a | s) = N(a; μ, σ) / (Φ(β) − Φ(α)) for a in [−1, 1],
+        α = (−1 − μ)/σ,  β = (1 − μ)/σ,  μ = tanh(x_μ),
+        σ = 2·sigmoid(x_σ / 2) + 0.1, in (0.1, 2.1)                  [DreamerV2 code]
+
+    (Φ: the standard normal CDF; x_μ, x_σ: the network's two outputs per action entry.) Why it
+    can help: the paper's a = tanh(u) has ∂a/∂u = 1 − tanh²u, which vanishes once |u| ≫ 1, so an
+    actor whose mean ran to the bound gets almost no gradient from Eq. 7. Here a sample away
+    from the bounds moves one-for-one with μ, σ never falls below 0.1, and μ's own tanh only
+    saturates as μ → ±1. Reparameterised sampling inverts the CDF:
+    a = μ + σ·Φ⁻¹(Φ(α) + ε·(Φ(β) − Φ(α))), ε ~ U(0, 1); then [DreamerV2 code] a is clipped
+    to ±(1 − 10⁻⁶) with a straight-through gradient. Same network and parameters as Actor."""
+
+    def __init__(self, cfg, action_dim):
+        super().__init__(cfg, action_dim)
+        self.min_std = 0.1                                  # [DreamerV2 code]
+
+    def dist_params(self, feat):
+        """feat [..., F] → the truncated normal's μ in (−1, 1) and σ in (0.1, 2.1), [..., A]."""
+        mean, std = self.net(feat).chunk(2, -1)
+        return torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.min_std
+
+    def forward(self, feat, sample=True):
+        """Return (action, ln q_φ(action | s)), each [..., A] and [...]; sample=False gives μ,
+        the truncated normal's mode, used for evaluation."""
+        mean, std = self.dist_params(feat)
+        cdf_low = torch.special.ndtr((-1 - mean) / std)     # Φ(α)
+        mass = torch.special.ndtr((1 - mean) / std) - cdf_low   # Φ(β) − Φ(α), ≥ 0.33 here
+        if sample:
+            p = cdf_low + torch.rand_like(mean) * mass       # uniform between Φ(α) and Φ(β)
+            eps = 1e-7                                       # Φ⁻¹(0) = −∞: keep p inside (0, 1)
+            action = mean + std * torch.special.ndtri(p.clamp(eps, 1 - eps))
+            clipped = action.clamp(-1 + 1e-6, 1 - 1e-6)
+            action = action + (clipped - action).detach()    # straight through the clip
+        else:
+            action = mean
+        x = (action - mean) / std
+        log_prob = -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi) - torch.log(std * mass)
+        return action, log_prob.sum(-1)
+
+
+# The actor's distribution, by --actor_dist: the paper's, and a successor's (not in the paper).
+ACTORS = {"tanh_normal": Actor, "trunc_normal": TruncatedNormalActor}
+
+
 # ============================================================================================
 # Behaviour, part 2: the value model v_ψ(s_τ) (Eq. 2)
 # ============================================================================================
@@ -681,7 +752,7 @@ class Dreamer:
     def __init__(self, cfg, action_dim, device="cpu"):
         self.cfg, self.device, self.action_dim = cfg, torch.device(device), action_dim
         self.world_model = WorldModel(cfg, action_dim).to(self.device)
-        self.actor = Actor(cfg, action_dim).to(self.device)
+        self.actor = ACTORS[cfg.actor_dist](cfg, action_dim).to(self.device)
         self.value = ValueModel(cfg).to(self.device)
         adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr, eps=cfg.adam_eps)
         self.model_opt = adam(self.world_model, cfg.model_lr)
@@ -717,6 +788,9 @@ class Dreamer:
         with frozen(self.world_model, self.value):
             loss, feats, returns, weights, metrics = actor_loss(
                 self.world_model, self.actor, self.value, z, h, self.cfg)
+            with torch.no_grad():   # how far the mean sits in tanh's flat tails: actor_stuck
+                metrics["actor/mean_abs"] = self.actor.dist_params(
+                    torch.cat([z, h], -1))[0].abs().mean()
             metrics["actor/grad_norm"] = self._step(loss, self.actor, self.actor_opt)
         return feats.detach(), returns.detach(), weights, metrics
 
@@ -1056,6 +1130,27 @@ def lock_logdir(logdir):
     return lock
 
 
+# A stuck actor (README: "When the actor collapses"): most executed actions at the bounds and a
+# vanishing gradient of Eq. 7, for STUCK_PHASES training phases in a row.
+SATURATED, STUCK_SATURATION, STUCK_GRAD_NORM, STUCK_PHASES = 0.95, 0.5, 0.01, 3
+
+
+def action_saturation(actions):
+    """Fraction of action entries with |a| > 0.95: actions [T, A] → float. A uniform random
+    policy has 0.05; an actor whose tanh saturated, with the paper's exploration noise, 0.5–0.6."""
+    return float(np.mean(np.abs(actions) > SATURATED))
+
+
+def actor_stuck(history):
+    """history: [(action saturation of an episode, actor/grad_norm of the training phase before
+    it), …] → True when the last STUCK_PHASES entries all have saturation ≥ 0.5 and gradient norm
+    ≤ 0.01: the actor's mean has run into tanh's flat tails (∂a/∂u = 1 − tanh²u ≈ 0), so Eq. 7
+    barely moves it, and the agent keeps pushing to one side."""
+    last = history[-STUCK_PHASES:]
+    return len(last) == STUCK_PHASES and all(
+        sat >= STUCK_SATURATION and grad <= STUCK_GRAD_NORM for sat, grad in last)
+
+
 def first_nonfinite(tensors):
     """The name of the first tensor of {name: tensor} holding a NaN or ±inf, else None (one
     device sync for all of them)."""
@@ -1112,6 +1207,7 @@ class Trainer:
         self.stop = StopFlag()
         self.saved = {"env_steps": None, "metrics_bytes": None}   # what the checkpoint holds
         self.resumed = self.checkpoint_path.exists()
+        self.actor_history, self.warned_stuck = [], False     # watch_actor
         if self.resumed:
             self.load_checkpoint()
         self.replay.load()
@@ -1329,8 +1425,10 @@ class Trainer:
                 steps = self.env_steps()
                 self.last["train/return"] = ret
                 record = {"train/return": ret, "train/length": new_steps,
+                          "train/action_saturation": action_saturation(episode["action"][1:]),
                           "time/env_steps_per_s": new_steps / (time.perf_counter() - t_env)}
                 self.log(steps, record)
+                self.watch_actor(record, train_metrics, seeding)
                 if steps >= c["next_eval"] or steps >= cfg.steps:
                     self.evaluate_and_log(steps)
                 if steps >= c["next_checkpoint"]:
@@ -1373,6 +1471,20 @@ class Trainer:
               flush=True)
         return 0
 
+    def watch_actor(self, record, train_metrics, seeding):
+        """Say once, and keep running, when the actor looks stuck (actor_stuck)."""
+        if seeding or not train_metrics:
+            return
+        self.actor_history.append((record["train/action_saturation"],
+                                   train_metrics["actor/grad_norm"]))
+        if actor_stuck(self.actor_history) and not self.warned_stuck:
+            self.warned_stuck = True
+            sat = min(s for s, _ in self.actor_history[-STUCK_PHASES:])
+            print(f"note: the actor looks stuck: in the last {STUCK_PHASES} episodes ≥ "
+                  f"{sat:.0%} of actions had |a| > {SATURATED} and the actor's gradient norm was "
+                  f"≤ {STUCK_GRAD_NORM} (its tanh saturated, so Eq. 7 barely moves it); see "
+                  f"README, \"When the actor collapses\". Training goes on.", flush=True)
+
     def kept(self):
         """What a run that stops on a fault leaves on disk, for its error line."""
         n, at = len(self.replay.episodes), self.saved["env_steps"]
@@ -1403,33 +1515,134 @@ class Trainer:
 # ============================================================================================
 
 @torch.no_grad()
+def filter_and_predict(wm, obs, action, context):
+    """The two ways the world model can know a state: filtered (the posterior of Eq. 1,
+    representation, which has seen every image up to o_t) and predicted open loop (the prior of
+    Eq. 1, transition, rolled forward on the recorded actions alone after the first `context`
+    images, as imagination does). obs uint8 [N, L, 3, 64, 64], action [N, L, A] (row t holds
+    a_{t−1}), 0 < context < L → (filtered, open_loop) model states s_t = cat(z_t, h_t), each
+    [N, L, F]; rows < context of both are the same posterior states. Random: z_t is sampled."""
+    L = obs.shape[1]
+    if not 0 < context < L:
+        raise UserError(f"an open-loop chunk needs more than {context} rows, got {L}")
+    s = wm.rssm.observe(wm.encoder(preprocess(obs)), action)           # posterior: [N, L, ·]
+    filtered = torch.cat([s["z"], s["h"]], -1)                          # [N, L, F]
+    z, h = s["z"][:, context - 1], s["h"][:, context - 1]               # s_{C−1}: [N, Z], [N, D]
+    predicted = [filtered[:, :context]]
+    for t in range(context, L):
+        z, h = wm.rssm.imagine_step(z, h, action[:, t])                 # s_t ~ prior
+        predicted.append(torch.cat([z, h], -1)[:, None])                # [N, 1, F]
+    return filtered, torch.cat(predicted, 1)                            # [N, L, F] each
+
+
+def decode_image(wm, feat):
+    """The decoder's mean image (Eq. 1, observation model) as uint8: feat [..., F] →
+    [..., 3, 64, 64]."""
+    return ((wm.decoder(feat) + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
 def open_loop(wm, episode, start=0, length=50, context=5):
-    """[official code: its "openl" video summaries] Filter the first `context` frames of a replay
-    chunk with the posterior (Eq. 1, representation), then roll the prior forward on the
-    recorded actions alone, as imagination does (Eq. 1, transition), and decode every state.
-    Good reconstructions with poor open-loop frames or rewards mean the model cannot yet
-    predict, and behaviour learned in it is learned in a dream that reality does not keep.
-    episode: replay dict (obs uint8 [T+1, 3, 64, 64], action [T+1, A], reward [T+1]).
+    """[official code: its "openl" video summaries] One replay chunk, seen for its first
+    `context` images and predicted from the actions alone after them (filter_and_predict), every
+    state decoded. Good reconstructions with poor open-loop frames or rewards mean the model
+    cannot yet predict, and behaviour learned in it is learned in a dream that reality does not
+    keep. episode: replay dict (obs uint8 [T+1, 3, 64, 64], action [T+1, A], reward [T+1]).
     → dict of numpy arrays over the chunk's L = `length` rows: obs and model (uint8
     [L, 3, 64, 64]), reward and reward_pred [L]; rows < context are reconstructions."""
     device = next(wm.parameters()).device
     chunk = {k: torch.as_tensor(np.asarray(v)[start:start + length], device=device)
              for k, v in episode.items()}
-    L = len(chunk["reward"])
-    if not 0 < context < L:
-        raise UserError(f"an open-loop chunk needs more than {context} rows, got {L}")
-    embed = wm.encoder(preprocess(chunk["obs"][None, :context]))       # [1, C, E]
-    s = wm.rssm.observe(embed, chunk["action"][None, :context])         # posterior: [1, C, ·]
-    feats = [torch.cat([s["z"], s["h"]], -1)[0]]                        # s_0 … s_{C−1}: [C, F]
-    z, h = s["z"][:, -1], s["h"][:, -1]
-    for t in range(context, L):                                        # row t holds a_{t−1}
-        z, h = wm.rssm.imagine_step(z, h, chunk["action"][None, t])     # s_t ~ prior
-        feats.append(torch.cat([z, h], -1))
-    feat = torch.cat(feats, 0)                                          # [L, F]
-    image = ((wm.decoder(feat) + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # [L, 3, 64, 64]
-    return {"obs": chunk["obs"].cpu().numpy(), "model": image.cpu().numpy(),
+    _, feat = filter_and_predict(wm, chunk["obs"][None], chunk["action"][None], context)
+    feat = feat[0]                                                      # [L, F]
+    return {"obs": chunk["obs"].cpu().numpy(), "model": decode_image(wm, feat).cpu().numpy(),
             "reward": chunk["reward"].cpu().numpy(),
             "reward_pred": wm.reward(feat).cpu().numpy(), "context": context}
+
+
+@torch.no_grad()
+def prediction_error(wm, episodes, horizon=45, context=5, stride=10):
+    """How far ahead the world model can see: the error of open-loop predictions k = 1 … horizon
+    steps after the last seen image, beside the error of the filtered states (posterior, image
+    seen) at the same steps. Chunks of context + horizon rows start every `stride` rows of each
+    episode (replay dicts as in open_loop). Image error: per-pixel MSE of the decoder's mean
+    with pixels in [0, 1]; reward error: mean |r̂_t − r_t|. → dict of numpy [horizon] arrays
+    image_open, image_filtered, reward_open, reward_filtered, and chunks (how many). Random:
+    z_t is sampled; seed torch to repeat it."""
+    device = next(wm.parameters()).device
+    L = context + horizon
+    chunks = [{k: np.asarray(v)[t:t + L] for k, v in ep.items()}
+              for ep in episodes for t in range(0, len(ep["reward"]) - L + 1, stride)]
+    if not chunks:
+        raise UserError(f"no episode has the {L} rows that context {context} + horizon "
+                        f"{horizon} need")
+    out = {k: [] for k in ("image_open", "image_filtered", "reward_open", "reward_filtered")}
+    for i in range(0, len(chunks), 64):                                 # 64 chunks at a time
+        batch = {k: torch.as_tensor(np.stack([c[k] for c in chunks[i:i + 64]]), device=device)
+                 for k in ("obs", "action", "reward")}                   # [N, L, ...]
+        filtered, predicted = filter_and_predict(wm, batch["obs"], batch["action"], context)
+        real = preprocess(batch["obs"][:, context:])                    # [N, H, 3, 64, 64]
+        for name, feat in (("open", predicted[:, context:]), ("filtered", filtered[:, context:])):
+            image = wm.decoder(feat)                                    # mean, in [−½, ½]
+            out[f"image_{name}"].append(((image - real) ** 2).mean((2, 3, 4)))        # [N, H]
+            out[f"reward_{name}"].append((wm.reward(feat) - batch["reward"][:, context:]).abs())
+    result = {k: torch.cat(v).mean(0).cpu().numpy() for k, v in out.items()}  # [H] each
+    return {**result, "chunks": len(chunks)}
+
+
+def load_agent(logdir, device="cpu"):
+    """A run's last checkpoint as an agent: config.json + checkpoint.pt → (task, Config, Dreamer,
+    checkpoint dict). A weights-only checkpoint (world_model, actor, value, counters, last) is
+    enough; weights stored in 16-bit floats are widened. Raises UserError when either file is
+    missing or does not fit."""
+    try:
+        task, cfg, state = read_run(logdir, device)
+        action_dim = state["world_model"]["rssm.img_in.weight"].shape[1] - cfg.stoch_size
+        agent = Dreamer(cfg, action_dim, device)
+        for name, module in agent.modules().items():
+            module.load_state_dict(state[name])
+        state["counters"]["updates"], state["last"]["eval/return"]
+    except Exception as e:
+        raise UserError(f"cannot load the run in {logdir} ({one_line(e)})") from None
+    return task, cfg, agent, state
+
+
+def export_agent(logdir, out):
+    """Keep a trained agent small enough to share: the world model, actor and value model of a
+    run's last checkpoint, their weights stored as 16-bit floats (load_agent widens them back;
+    half the bytes, and actions that differ only by rounding), with the run's config.json and
+    metrics.jsonl, written into the folder `out` (created; refused if it holds a checkpoint).
+    Optimiser and RNG states, and the replay, stay behind: the copy can be evaluated and
+    pictured (plot.py), not resumed. Raises UserError."""
+    logdir, out = Path(logdir), Path(out)
+    try:
+        _, _, state = read_run(logdir)
+    except Exception as e:
+        raise UserError(f"cannot load the run in {logdir} ({one_line(e)})") from None
+    if (out / "checkpoint.pt").exists():
+        raise UserError(f"{out} already holds a checkpoint; choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {name: {k: v.half() if v.is_floating_point() else v for k, v in state[name].items()}
+               for name in ("world_model", "actor", "value")}
+    weights.update(counters=state["counters"], last=state["last"])
+    for name in ("config.json", "metrics.jsonl"):
+        data = (logdir / name).read_bytes()
+        save_atomically(out / name, lambda f: f.write(data))
+    save_atomically(out / "checkpoint.pt", lambda f: torch.save(weights, f))
+
+
+def play(task, cfg, agent, episodes):
+    """Episodes of an agent's policy (its mode, no exploration noise) on new initial states, as
+    a run's evaluations play them (cfg: the run's Config, agent: from load_agent) → a generator
+    of (episode dict as in run_episode, return). Initial states come from seed + 20,000, a
+    stream that neither the run's training (seed) nor its evaluations (seed + 10,000) used;
+    torch is seeded alike, because act() samples z_t."""
+    env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + REEVAL_SEED_OFFSET,
+                   shadow_size=cfg.shadow_size)
+    seed_everything(cfg.seed + REEVAL_SEED_OFFSET)
+    for _ in range(episodes):
+        episode, ret = run_episode(env, lambda obs, s: agent.act(obs, s, explore=False))
+        yield episode, float(ret)
 
 
 def read_run(logdir, device="cpu"):
@@ -1442,50 +1655,26 @@ def read_run(logdir, device="cpu"):
 
 
 def load_world_model(logdir, device="cpu"):
-    """The world model of a run's checkpoint: config.json + checkpoint.pt → (WorldModel, Config).
-    Raises UserError when either is missing or unreadable."""
-    logdir = Path(logdir)
-    try:
-        _, cfg, state = read_run(logdir, device)
-        weights = state["world_model"]
-        action_dim = weights["rssm.img_in.weight"].shape[1] - cfg.stoch_size
-        wm = WorldModel(cfg, action_dim).to(device)
-        wm.load_state_dict(weights)
-    except Exception as e:
-        raise UserError(f"cannot load the world model of {logdir} ({one_line(e)})") from None
-    return wm.eval(), cfg
+    """The world model of a run's checkpoint (load_agent) → (WorldModel, Config)."""
+    _, cfg, agent, _ = load_agent(logdir, device)
+    return agent.world_model.eval(), cfg
 
 
 def evaluate_run(logdir, episodes=None, device="cpu"):
     """python dreamer.py --evaluate RUN: the policy of a run's last checkpoint, evaluated as
     during training (its mode, no exploration noise) on `episodes` new episodes (default: the
-    run's eval_episodes). A run's own evaluations use few episodes, and on tasks where an episode
-    mostly succeeds or mostly fails (reacher: the fingertip sits in the target or never reaches
-    it) their mean swings by hundreds; this measures one checkpoint as precisely as asked.
-    Initial states come from seed + 20,000, a stream that neither the run's training (seed) nor
-    its evaluations (seed + 10,000) used. Writes nothing. → the list of returns."""
-    try:
-        task, cfg, state = read_run(logdir, device)
-        env = make_env(task, cfg.action_repeat, cfg.time_limit,
-                       seed=cfg.seed + REEVAL_SEED_OFFSET, shadow_size=cfg.shadow_size)
-        agent = Dreamer(cfg, env.action_dim, device)
-        for name, module in agent.modules().items():
-            module.load_state_dict(state[name])
-        updates, last = state["counters"]["updates"], state["last"]["eval/return"]
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot load the run in {logdir} ({one_line(e)})") from None
+    run's eval_episodes), played by play(). A run's own evaluations use few episodes, and on
+    tasks where an episode mostly succeeds or mostly fails (reacher: the fingertip sits in the
+    target or never reaches it) their mean swings by hundreds; this measures one checkpoint as
+    precisely as asked. Writes nothing. → the list of returns."""
+    task, cfg, agent, state = load_agent(logdir, device)
+    updates, last = state["counters"]["updates"], state["last"]["eval/return"]
     episodes = episodes or cfg.eval_episodes
-    # The action is the policy's mode, but act() still samples z_t from the posterior (Eq. 1):
-    # seeding torch makes the numbers repeatable (on one device).
-    seed_everything(cfg.seed + REEVAL_SEED_OFFSET)
     print(f"evaluating {logdir}: {task}, checkpoint after {updates} updates (its last evaluation "
           f"in training: {last:.1f}); {episodes} episodes, policy mode", flush=True)
     returns = []
-    for i in range(episodes):
-        _, ret = run_episode(env, lambda obs, s: agent.act(obs, s, explore=False))
-        returns.append(float(ret))
+    for i, (_, ret) in enumerate(play(task, cfg, agent, episodes)):
+        returns.append(ret)
         print(f"  episode {i + 1}/{episodes}: return {ret:.1f}", flush=True)
     mean, std = float(np.mean(returns)), float(np.std(returns))    # std: np.std, ddof = 0
     sem = std / math.sqrt(episodes)                                  # standard error of the mean

@@ -1,16 +1,24 @@
-"""Plot return against env steps from Dreamer runs' metrics.jsonl files.
+"""Pictures of Dreamer runs: return curves, what the world model predicts, the agent at work.
 
     python plot.py runs/reacher_easy-paper-s0                       # → runs/.../curves.png
     python plot.py runs/reacher_easy-cpu-s* --out curves.png        # several seeds, one plot
     python plot.py RUN --metric train/return                        # another logged metric
-    python plot.py RUN --openloop                                   # → RUN/openloop.png
+    python plot.py RUN --openloop         # → RUN/openloop.png and RUN/openloop-error.png
+    python plot.py RUN --video            # → RUN/video.gif
 
---openloop shows what the run's world model (its latest checkpoint) sees in one replay episode
-(default: the latest): 5 frames reconstructed from the images, then 45 predicted from the
-actions alone, as in imagination, next to the real frames, and predicted against real rewards.
+Curves: each run is one line; with several runs of one task the mean ± std over runs (at the
+steps they share) is drawn too. Published Dreamer scores at 100k and 500k env steps are marked
+where known.
 
-Each run is one line; with several runs of one task the mean ± std over runs (at the steps they
-share) is drawn too. Published Dreamer scores at 100k and 500k env steps are marked where known.
+--openloop and --video use the run's latest checkpoint (a weights-only one is enough) on an
+episode its policy plays now (mode, no exploration noise, new initial states, as
+`dreamer.py --evaluate` plays them), or on a replay episode of the run with --episode I.
+--openloop draws one 50-step chunk: 5 images reconstructed, then 45 predicted from the actions
+alone, as in imagination, next to the real frames, and predicted against real rewards
+(openloop.png); and the prediction error against the horizon k = 1 … 45 steps after the last
+seen image, open loop beside filtered (every image seen), printed and drawn
+(openloop-error.png). --video writes the episode as a GIF: real | model | |real − model|, the
+model's frames predicted open loop in 50-step chunks after 5 seen images each.
 """
 import argparse
 import json
@@ -59,33 +67,49 @@ def load_run(run):
                   for k, v in series.items()}
 
 
-def draw_open_loop(run, episode, start, out):
-    """The world model's open-loop prediction of one replay chunk (dreamer.open_loop) as a PNG:
-    real frames, predicted frames, their difference, and real vs predicted rewards."""
+def load_episodes(run, episode, count):
+    """The run's agent (dreamer.load_agent) and the episodes the pictures show: `count` new
+    episodes of its policy (episode None) or its replay file number `episode`. → (dreamer module,
+    Config, agent, [(episode dict, return)], source as words). Exits with one line on errors."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import dreamer   # torch is only needed here, so it is imported only here
-    import torch
+    import dreamer   # torch is only needed for these pictures, so it is imported only here
     run = Path(run)
-    files = sorted((run / "episodes").glob("*.npz"))
     try:
-        wm, _ = dreamer.load_world_model(run)
-        path = files[episode]
-        with np.load(path) as data:
-            chunk = {k: data[k] for k in ("obs", "action", "reward")}
-        torch.manual_seed(0)
-        r = dreamer.open_loop(wm, chunk, start=start, length=50, context=5)
-    except IndexError:
-        raise SystemExit(f"plot.py: error: {run} has {len(files)} episode files; "
-                         f"--episode {episode} is not one of them") from None
-    except (dreamer.UserError, OSError, ValueError, KeyError) as e:
+        task, cfg, agent, _ = dreamer.load_agent(run)
+        if episode is None:
+            episodes = list(dreamer.play(task, cfg, agent, count))
+            return dreamer, cfg, agent, episodes, (f"{count} new episode{'s' * (count > 1)} "
+                                                   f"of its policy")
+        files = sorted((run / "episodes").glob("*.npz"))
+        if not -len(files) <= episode < len(files):
+            raise SystemExit(f"plot.py: error: {run} has {len(files)} episode files; "
+                             f"--episode {episode} is not one of them")
+        with np.load(files[episode]) as data:
+            replayed = {k: data[k] for k in ("obs", "action", "reward")}
+        return dreamer, cfg, agent, [(replayed, float(replayed["reward"].sum()))], \
+            f"replay episode {files[episode].name}"
+    except (dreamer.UserError, dreamer.RunError, OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"plot.py: error: {e}") from None
+
+
+def draw_open_loop(dreamer, wm, cfg, episodes, source, start, title, out):
+    """One chunk's open-loop prediction (dreamer.open_loop) as a PNG: real frames, predicted
+    frames, their difference, and real vs predicted rewards; then the prediction error against
+    the horizon (dreamer.prediction_error), printed and drawn beside it (out's stem + -error)."""
+    import torch
+    torch.manual_seed(0)
+    try:
+        r = dreamer.open_loop(wm, episodes[0][0], start=start, length=50, context=5)
+        error = dreamer.prediction_error(wm, [ep for ep, _ in episodes], horizon=45, context=5)
+    except dreamer.UserError as e:
         raise SystemExit(f"plot.py: error: {e}") from None
     L, C = len(r["reward"]), r["context"]
     cols = np.linspace(0, L - 1, 10).round().astype(int)
     fig = plt.figure(figsize=(12, 6.2))
     grid = fig.add_gridspec(4, len(cols), height_ratios=[1, 1, 1, 1.4])
-    error = np.abs(r["obs"].astype(int) - r["model"].astype(int)).astype(np.uint8)
+    diff = np.abs(r["obs"].astype(int) - r["model"].astype(int)).astype(np.uint8)
     for row, (name, images) in enumerate([("real", r["obs"]), ("model", r["model"]),
-                                          ("|real − model|", error)]):
+                                          ("|real − model|", diff)]):
         for col, t in enumerate(cols):
             ax = fig.add_subplot(grid[row, col])
             ax.imshow(images[t].transpose(1, 2, 0))
@@ -102,12 +126,78 @@ def draw_open_loop(run, episode, start, out):
     ax.set_xlabel("agent step in the episode")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.suptitle(f"{run.name}: {path.name}, {C} frames reconstructed, then open-loop "
-                 f"(world model at its latest checkpoint)", fontsize=10)
+    fig.suptitle(f"{title}: {source}, {C} frames reconstructed, then open loop", fontsize=10)
     fig.tight_layout()
-    out = Path(out) if out else run / "openloop.png"
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
+
+    k = np.arange(1, len(error["image_open"]) + 1)
+    print(f"prediction error against the horizon k (steps after the last of 5 seen images), "
+          f"{error['chunks']} chunks of {source}:")
+    print("    k | image MSE open loop  filtered | reward |error| open loop  filtered")
+    for i in [i for i in (1, 2, 5, 10, 15, 20, 30, 45) if i <= len(k)]:
+        print(f"  {i:3d} | {error['image_open'][i - 1]:19.5f} {error['image_filtered'][i - 1]:9.5f}"
+              f" | {error['reward_open'][i - 1]:26.4f} {error['reward_filtered'][i - 1]:9.4f}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, kind, label in ((axes[0], "image", "image: per-pixel MSE (pixels in [0, 1])"),
+                            (axes[1], "reward", "reward: mean |predicted − real|")):
+        ax.plot(k, error[f"{kind}_open"], marker=".", color="crimson",
+                label="open loop (prior, actions only)")
+        ax.plot(k, error[f"{kind}_filtered"], marker=".", color="black",
+                label="filtered (posterior, image seen)")
+        ax.axvline(cfg.horizon, color="grey", ls="--", label=f"imagination horizon H = {cfg.horizon}")
+        ax.set_xlabel("k: steps after the last seen image")
+        ax.set_title(label, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}: prediction error against the horizon, {error['chunks']} chunks of "
+                 f"{source}", fontsize=10)
+    fig.tight_layout()
+    out = out.with_name(out.stem + "-error" + out.suffix)
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+def write_video(dreamer, wm, episode, ret, length, out, scale=2):
+    """One episode as a GIF (Pillow, which matplotlib installs): real | model | |real − model|
+    per agent step, the model's frames predicted open loop (dreamer.open_loop) in 50-step chunks
+    after 5 seen images each; a header gives the step, seen or k steps open loop, and the real
+    and predicted rewards. Rows after the last whole chunk are left out."""
+    import torch
+    from PIL import Image, ImageDraw
+    torch.manual_seed(0)
+    rows = min(len(episode["reward"]), length or len(episode["reward"]))
+    frames = []
+    for start in range(0, rows - 50 + 1, 50):
+        r = dreamer.open_loop(wm, episode, start=start, length=50, context=5)
+        diff = np.abs(r["obs"].astype(int) - r["model"].astype(int)).astype(np.uint8)
+        for t in range(50):
+            panels = [images[t].transpose(1, 2, 0) for images in (r["obs"], r["model"], diff)]
+            gap = np.full((64, 4, 3), 255, np.uint8)
+            strip = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1)
+            image = Image.fromarray(strip).resize((strip.shape[1] * scale, 64 * scale),
+                                                  Image.NEAREST)
+            frame = Image.new("RGB", (image.width, image.height + 28), "white")
+            frame.paste(image, (0, 28))
+            what = "seen" if t < r["context"] else f"open loop k={t - r['context'] + 1}"
+            text = ImageDraw.Draw(frame)
+            text.text((4, 2), f"step {start + t:3d}  {what}", fill="black")
+            text.text((4, 15), f"reward {r['reward'][t]:.2f}  model {r['reward_pred'][t]:.2f}   "
+                               f"real | model | error", fill="black")
+            frames.append(frame)
+    if not frames:
+        raise SystemExit(f"plot.py: error: a video needs at least 50 agent steps, got {rows}")
+    # One palette for all frames, from a sample of them, keeps the file small (a few MB for a
+    # whole 500-step episode) and the colours steady.
+    sample = frames[::max(1, len(frames) // 8)]
+    montage = Image.new("RGB", (frames[0].width, frames[0].height * len(sample)))
+    for i, frame in enumerate(sample):
+        montage.paste(frame, (0, i * frame.height))
+    palette = montage.quantize(colors=256, dither=Image.Dither.NONE)
+    frames = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
+    frames[0].save(out, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    print(f"wrote {out}: {len(frames)} frames, episode return {ret:.1f}")
 
 
 def main(argv=None):
@@ -117,16 +207,21 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="PNG path (default: RUN/curves.png for one run, "
                                                 "curves.png for several)")
     p.add_argument("--openloop", action="store_true",
-                   help="draw the first run's open-loop world-model prediction instead")
-    p.add_argument("--episode", type=int, default=-1,
-                   help="with --openloop: index of the episode file (default -1, the latest)")
+                   help="draw the first run's open-loop predictions and their error instead")
+    p.add_argument("--video", action="store_true",
+                   help="write the first run's policy at work beside its world model as a GIF")
+    p.add_argument("--episode", type=int, default=None,
+                   help="with --openloop/--video: show the run's replay file number I (-1: the "
+                        "latest) instead of a new episode of its policy")
+    p.add_argument("--episodes", type=int, default=1,
+                   help="with --openloop/--video: how many new episodes to play (default 1)")
     p.add_argument("--start", type=int, default=0,
                    help="with --openloop: first agent step of the 50-step chunk (default 0)")
+    p.add_argument("--length", type=int, default=None,
+                   help="with --video: only the first N agent steps (default: all)")
     args = p.parse_args(argv)
-    if args.openloop:
-        if args.start < 0:
-            raise SystemExit(f"plot.py: error: --start must be ≥ 0, got {args.start}")
-        return draw_open_loop(args.runs[0], args.episode, args.start, args.out)
+    if args.openloop or args.video:
+        return world_model_pictures(args)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_task = {}
     for run in args.runs:
@@ -163,6 +258,28 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
+
+
+def world_model_pictures(args):
+    """--openloop and --video: the pictures that need the run's checkpoint."""
+    if args.openloop and args.video:
+        raise SystemExit("plot.py: error: --openloop and --video are separate commands")
+    for name in ("start", "episodes", "length"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "start" else 1):
+            raise SystemExit(f"plot.py: error: --{name} must be ≥ {int(name != 'start')}, "
+                             f"got {value}")
+    run = Path(args.runs[0])
+    dreamer, cfg, agent, episodes, source = load_episodes(run, args.episode, args.episodes)
+    wm = agent.world_model.eval()
+    if args.openloop:
+        out = Path(args.out) if args.out else run / "openloop.png"
+        return draw_open_loop(dreamer, wm, cfg, episodes, source, args.start, run.name, out)
+    for i, (episode, ret) in enumerate(episodes):
+        out = Path(args.out) if args.out else run / "video.gif"
+        if len(episodes) > 1:
+            out = out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        write_video(dreamer, wm, episode, ret, args.length, out)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,89 @@ def test_actor_log_prob_matches_torch_transformed_distribution():
     torch.testing.assert_close(log_prob, dist.log_prob(action).sum(-1), rtol=1e-6, atol=1e-6)
 
 
+# The truncated-normal actor (DreamerV2's, not in the paper): density, sampling and gradient
+# against the formulas written out in float64 with math.erf.
+def truncated_normal_cdf(a, mu, sigma):
+    """P(A ≤ a) for A ~ N(μ, σ) truncated to [−1, 1], in float64."""
+    phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    low, high = phi((-1 - mu) / sigma), phi((1 - mu) / sigma)
+    return (phi((min(max(a, -1), 1) - mu) / sigma) - low) / (high - low)
+
+
+def trunc_actor(mu, raw_std, action_dim=1):
+    """A truncated-normal actor whose μ and σ are the same for every input: its last layer
+    outputs x_μ = atanh(μ) and x_σ = raw_std."""
+    actor = d.TruncatedNormalActor(tiny_config(actor_dist="trunc_normal"), action_dim)
+    torch.nn.init.zeros_(actor.net[-1].weight)
+    with torch.no_grad():
+        actor.net[-1].bias.copy_(torch.tensor([math.atanh(mu)] * action_dim
+                                              + [raw_std] * action_dim))
+    return actor
+
+
+@pytest.mark.parametrize("mu,raw_std", [(0.0, 0.0), (0.9, -3.0), (-0.97, 2.0), (0.5, -20.0)])
+def test_trunc_normal_actor_samples_and_density_are_the_truncated_normal(mu, raw_std):
+    actor = trunc_actor(mu, raw_std)
+    sigma = 2 / (1 + math.exp(-raw_std / 2)) + 0.1               # σ = 2·sigmoid(x/2) + 0.1
+    F = actor.net[0].in_features
+    torch.manual_seed(0)
+    with torch.no_grad():
+        action, log_prob = actor(torch.randn(20000, F))
+    a = action[:, 0].double().numpy()
+    assert a.min() >= -1 and a.max() <= 1
+    for q in (-0.9, -0.5, 0.0, 0.5, 0.9):                        # empirical vs exact CDF
+        assert abs(np.mean(a <= q) - truncated_normal_cdf(q, mu, sigma)) < 0.015, q
+    # ln q(a) = ln N(a; μ, σ) − ln(Φ(β) − Φ(α)), written out at each sample
+    erf = lambda x: math.erf(x / sigma / math.sqrt(2))
+    mass = 0.5 * (erf(1 - mu) - erf(-1 - mu))                    # Φ(β) − Φ(α)
+    expected = [-0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma * math.sqrt(2 * math.pi) * mass)
+                for x in a[:200]]
+    np.testing.assert_allclose(log_prob[:200].double().numpy(), expected, rtol=1e-4, atol=1e-4)
+    mode, _ = actor(torch.randn(3, F), sample=False)
+    torch.testing.assert_close(mode, torch.full_like(mode, mu))
+
+
+def test_trunc_normal_actor_density_integrates_to_one_and_gradients_are_reparameterised():
+    actor = trunc_actor(0.6, -1.0)
+    mean, std = (t.detach() for t in actor.dist_params(torch.zeros(1, actor.net[0].in_features)))
+    # ∫ q(a) da over [−1, 1] = 1 (trapezoid rule on the log-density of forward's formula)
+    grid = torch.linspace(-1, 1, 20001)
+    x = (grid - mean[0, 0]) / std[0, 0]
+    mass = torch.special.ndtr((1 - mean) / std) - torch.special.ndtr((-1 - mean) / std)
+    density = torch.exp(-0.5 * x ** 2) / (std[0, 0] * math.sqrt(2 * math.pi) * mass[0, 0])
+    assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=1e-4)
+    # ∂E[a]/∂x_μ from the samples (reparameterised) against the derivative of the exact mean
+    # E[a] = μ + σ·(φ(α) − φ(β)) / (Φ(β) − Φ(α)), μ = tanh(x_μ), by central differences.
+    def exact_mean(x_mu, sigma=float(std[0, 0])):
+        mu = math.tanh(x_mu)
+        pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+        alpha, beta = (-1 - mu) / sigma, (1 - mu) / sigma
+        z = 0.5 * (math.erf(beta / math.sqrt(2)) - math.erf(alpha / math.sqrt(2)))
+        return mu + sigma * (pdf(alpha) - pdf(beta)) / z
+    torch.manual_seed(1)
+    action, _ = actor(torch.zeros(200000, actor.net[0].in_features))
+    action.mean().backward()
+    got = actor.net[-1].bias.grad[0].item()
+    x_mu, h = math.atanh(0.6), 1e-5
+    expected = (exact_mean(x_mu + h) - exact_mean(x_mu - h)) / (2 * h)
+    assert got == pytest.approx(expected, rel=0.02)
+    assert actor.net[-1].bias.grad[1].item() != 0                # σ moves the mean too
+
+
+def test_actor_dist_default_is_the_paper_and_the_variant_has_its_parameter_count():
+    cfg = d.Config()
+    assert cfg.actor_dist == "tanh_normal"
+    assert type(d.Dreamer(tiny_config(), 2).actor) is d.Actor
+    variant = d.Dreamer(tiny_config(actor_dist="trunc_normal"), 2).actor
+    assert type(variant) is d.TruncatedNormalActor
+    assert d.count_parameters(variant) == d.count_parameters(d.Actor(tiny_config(), 2))
+    for overrides, message in [({"actor_dist": "beta"}, "--actor_dist must be one of"),
+                               ({"actor_dist": "trunc_normal", "actor_min_std": 0.2},
+                                "shapes the tanh_normal actor only")]:
+        with pytest.raises(d.UserError, match=message):
+            d.validate(d.Config(**overrides))
+
+
 # ---------------------------------------------------------------------------------------------
 # World-model loss (Eq. 10)
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +564,55 @@ def test_actor_loss_gradient_flows_through_dynamics_and_value_target_carries_non
     others = list(agent.actor.parameters()) + list(wm.parameters())
     assert all(g is None for g in torch.autograd.grad(vloss, others, allow_unused=True))
     assert all(g is not None for g in torch.autograd.grad(vloss, list(agent.value.parameters())))
+
+
+def test_actor_loss_gradient_is_that_of_the_explicit_eq7_sum(agent_and_start):
+    """The gradient, not only the value: −mean_τ,n(γ^(τ−1)·V_λ(s_τ)) written out as Eq. 5/6
+    sums over the same imagined trajectory (same noise), differentiated by autograd, gives the
+    actor the same gradient as actor_loss. A target built from detached rewards or values, or
+    a detached trajectory, gives another one."""
+    agent, z, h = agent_and_start
+    cfg, wm = agent.cfg, agent.world_model
+    params = list(agent.actor.parameters())
+    torch.manual_seed(3)
+    loss, *_ = d.actor_loss(wm, agent.actor, agent.value, z, h, cfg)
+    got = torch.autograd.grad(loss, params)
+    torch.manual_seed(3)
+    N = z.numel() // z.shape[-1]
+    feats, _ = d.imagine(wm, agent.actor, z.reshape(N, -1), h.reshape(N, -1), cfg.horizon)
+    r, v = wm.reward(feats), agent.value(feats)                     # s_1 … s_H: [H, N]
+    H, g, lam = cfg.horizon, cfg.discount, cfg.lam
+    T = H - 1                                                        # targets for s_1 … s_{H−1}
+
+    def v_n(tau, k):                                                 # (Eq. 5), bootstrap v(s_H)
+        end = min(tau + k, T)
+        return sum(g ** (n - tau) * r[n] for n in range(tau, end)) + g ** (end - tau) * v[end]
+
+    objective = 0
+    for tau in range(T):                                             # (Eq. 6) then (Eq. 7)
+        left = T - tau
+        v_lam = (1 - lam) * sum(lam ** (n - 1) * v_n(tau, n) for n in range(1, left))
+        v_lam = v_lam + lam ** (left - 1) * v_n(tau, left)
+        objective = objective + g ** tau * v_lam.mean() / T
+    expected = torch.autograd.grad(-objective, params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_world_model_loss_decodes_the_posterior_state_cat_z_h():
+    """The image and reward heads read s_t = cat(z_t, h_t) (the glossary's feat), the posterior
+    states that world_model_loss returns, in that order."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    wm = d.WorldModel(cfg, 2)
+    seen = {}
+    decoder, reward = wm.decoder.forward, wm.reward.forward
+    wm.decoder.forward = lambda feat: (seen.__setitem__("decoder", feat), decoder(feat))[1]
+    wm.reward.forward = lambda feat: (seen.__setitem__("reward", feat), reward(feat))[1]
+    _, _, z, h = d.world_model_loss(wm, fake_batch(cfg), cfg)
+    assert cfg.stoch_size != cfg.deter_size                          # so the order shows
+    for head in ("decoder", "reward"):
+        torch.testing.assert_close(seen[head], torch.cat([z, h], -1), rtol=0, atol=0)
 
 
 def test_train_step_learns_behaviour_in_the_world_model_from_before_its_step():
@@ -997,6 +1129,44 @@ def test_end_to_end_run_writes_metrics_episodes_checkpoint(trained):
     ep = np.load(logdir / "episodes" / "000001.npz")
     assert ep["obs"].dtype == np.uint8 and ep["obs"].shape == (101, 3, 64, 64)
     assert np.abs(ep["action"][1:]).max() <= 1 and ep["action"].shape == (101, 2)
+
+
+def test_each_episode_logs_its_action_saturation_and_each_phase_the_actors_mean(trained):
+    """train/action_saturation = the fraction of the episode's executed action entries with
+    |a| > 0.95, recomputed from its episode file; actor/mean_abs = mean |μ| is logged per phase."""
+    logdir, _, metrics = trained
+    saturation = [m["train/action_saturation"] for m in metrics if "train/return" in m]
+    files = sorted((logdir / "episodes").glob("*.npz"))
+    assert len(saturation) == len(files)
+    for value, path in zip(saturation, files):
+        actions = np.load(path)["action"][1:]                    # row 0 holds no action
+        assert value == pytest.approx((np.abs(actions) > 0.95).sum() / actions.size)
+    assert all(m["actor/mean_abs"] > 0 for m in metrics if "model/loss" in m)
+
+
+def test_a_stuck_actor_is_reported_once_and_the_run_goes_on(capsys):
+    """actor_stuck: 3 phases in a row with ≥ 50 % saturated actions and gradient norm ≤ 0.01;
+    watch_actor prints one note, once, and skips seed episodes and episodes before training."""
+    stuck, healthy = (0.56, 0.003), (0.56, 0.2)
+    assert d.actor_stuck([stuck] * 3) and d.actor_stuck([healthy, stuck, stuck, stuck])
+    assert not d.actor_stuck([stuck] * 2)
+    assert not d.actor_stuck([stuck, healthy, stuck])
+    assert not d.actor_stuck([(0.3, 0.003)] * 3)                  # gradient small, not saturated
+    assert d.action_saturation(np.array([[0.96, 0.0], [-1.0, 0.95]])) == 0.5
+    trainer = type("T", (), {"actor_history": [], "warned_stuck": False})()
+    watch = lambda sat, grad, seeding=False: d.Trainer.watch_actor(
+        trainer, {"train/action_saturation": sat}, {"actor/grad_norm": grad} if grad else {},
+        seeding)
+    watch(0.9, 0.001, seeding=True)
+    watch(0.9, None)                                              # no phase yet
+    assert trainer.actor_history == []
+    for _ in range(2):
+        watch(0.6, 0.001)
+    assert capsys.readouterr().out == ""
+    for _ in range(3):
+        watch(0.6, 0.001)
+    out = capsys.readouterr().out
+    assert out.count("note: the actor looks stuck") == 1 and "When the actor collapses" in out
 
 
 def test_second_run_resumes_where_the_first_stopped(trained):
@@ -1520,6 +1690,78 @@ def test_open_loop_sees_images_only_in_its_context():
     assert np.abs(rec.astype(int) - base["model"][:5].astype(int)).max() <= 1
 
 
+def test_prediction_error_is_the_mse_of_open_loop_and_filtered_images_per_horizon(monkeypatch):
+    """Written out by hand, chunk by chunk and step by step: the filtered states see every
+    image (RSSM.observe), the open-loop ones only the first C and then the actions
+    (RSSM.imagine_step); with the noise ε set to 0 the order of the draws does not matter."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    wm = d.WorldModel(cfg, action_dim=2)
+    rng = np.random.default_rng(0)
+    episode = {"obs": rng.integers(0, 256, (17, 3, 64, 64), dtype=np.uint8),
+               "action": rng.uniform(-1, 1, (17, 2)).astype(np.float32),
+               "reward": rng.normal(size=17).astype(np.float32)}
+    C, H = 3, 6                                        # chunks of 9 rows start at 0, 4 and 8
+    got = d.prediction_error(wm, [episode], horizon=H, context=C, stride=4)
+    assert got["chunks"] == 3
+    errors = {k: np.zeros(H) for k in ("image_open", "image_filtered", "reward_open",
+                                         "reward_filtered")}
+    with torch.no_grad():
+        for start in (0, 4, 8):
+            obs = torch.as_tensor(episode["obs"][start:start + C + H])
+            action = torch.as_tensor(episode["action"][start:start + C + H])
+            reward = episode["reward"][start:start + C + H]
+            s = wm.rssm.observe(wm.encoder(d.preprocess(obs[None])), action[None])
+            z, h = s["z"][0, C - 1:C], s["h"][0, C - 1:C]
+            for k in range(1, H + 1):
+                t = C - 1 + k                          # the row k steps after the last seen one
+                z, h = wm.rssm.imagine_step(z, h, action[None, t])
+                real = obs[t].float() / 255 - 0.5
+                for kind, feat in (("open", torch.cat([z, h], -1)[0]),
+                                   ("filtered", torch.cat([s["z"][0, t], s["h"][0, t]], -1))):
+                    image = wm.decoder(feat[None])[0]
+                    errors[f"image_{kind}"][k - 1] += float(((image - real) ** 2).mean()) / 3
+                    errors[f"reward_{kind}"][k - 1] += abs(float(wm.reward(feat)) - reward[t]) / 3
+    for key, expected in errors.items():
+        np.testing.assert_allclose(got[key], expected, rtol=1e-4, err_msg=key)
+    assert not np.allclose(got["image_open"], got["image_filtered"])
+    with pytest.raises(d.UserError, match="rows"):
+        d.prediction_error(wm, [episode], horizon=15, context=5)
+
+
+def test_headless_rendering_is_chosen_only_where_it_applies():
+    assert d.headless_gl({}, "linux") == "egl"                          # a server, CI
+    assert d.headless_gl({"DISPLAY": ":0"}, "linux") is None            # a Linux desktop
+    assert d.headless_gl({"WAYLAND_DISPLAY": "wayland-0"}, "linux") is None
+    assert d.headless_gl({}, "darwin") is None and d.headless_gl({}, "win32") is None
+    assert d.headless_gl({"MUJOCO_GL": "osmesa"}, "linux") is None      # the user's choice wins
+
+
+def test_an_exported_agent_is_weights_only_and_plays(trained, tmp_path):
+    logdir = trained[0]
+    out = tmp_path / "agent"
+    d.export_agent(logdir, out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json",
+                                                      "metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_bytes() == (logdir / "metrics.jsonl").read_bytes()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)         # no pickled objects
+    assert set(state) == {"world_model", "actor", "value", "counters", "last"}
+    assert (out / "checkpoint.pt").stat().st_size < 0.3 * (logdir / "checkpoint.pt").stat().st_size
+    _, _, agent, _ = d.load_agent(out)
+    _, _, reference, _ = d.load_agent(logdir)
+    for name, module in reference.modules().items():
+        mine = agent.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert mine[key].dtype == value.dtype
+            assert torch.equal(mine[key], value.half().to(value.dtype)), (name, key)
+    assert len(d.evaluate_run(out, 1)) == 1
+    with pytest.raises(d.UserError, match="already holds a checkpoint"):
+        d.export_agent(logdir, out)
+    with pytest.raises(d.UserError, match="cannot load the run"):
+        d.export_agent(tmp_path / "nothing", tmp_path / "other")
+
+
 def run_plot(*args):
     return subprocess.run([sys.executable, str(HERE / "plot.py"), *args], capture_output=True,
                           text=True, timeout=300, cwd=HERE,
@@ -1532,10 +1774,42 @@ def test_plot_draws_curves_and_open_loop_and_refuses_a_bare_folder(trained, tmp_
         proc = run_plot(str(logdir), *extra, "--out", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "openloop-error.png").read_bytes()[:4] == b"\x89PNG"
+    table = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+\d+ \|", line)]
+    assert [int(row[0]) for row in table] == [1, 2, 5, 10, 15, 20, 30, 45]
+    assert all(float(row[2]) >= 0 and float(row[3]) >= 0 for row in table)
     proc = run_plot(str(tmp_path), "--openloop")
     assert proc.returncode != 0
     err = proc.stderr.strip()
     assert err.startswith("plot.py: error:") and "\n" not in err
+
+
+def test_plot_video_shows_real_model_and_error_frames(trained, tmp_path, capsys):
+    """plot.py --video, in-process: one GIF frame per agent step of whole 50-step chunks, each
+    frame the real image, the model's and their difference, side by side at twice the size."""
+    import plot
+    from PIL import Image
+    logdir = trained[0]
+    plot.main([str(logdir), "--video", "--out", str(tmp_path / "v.gif")])
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert gif.n_frames == 100                      # 101 rows: two chunks of 50
+        assert gif.size == (2 * (3 * 64 + 2 * 4), 2 * 64 + 28)
+    assert "100 frames, episode return" in capsys.readouterr().out
+    plot.main([str(logdir), "--video", "--episode", "0", "--length", "60",
+               "--out", str(tmp_path / "r.gif")])
+    with Image.open(tmp_path / "r.gif") as gif:
+        assert gif.n_frames == 50
+        gif.seek(0)
+        frame = np.asarray(gif.convert("RGB"))
+    real = np.load(logdir / "episodes" / "000000.npz")["obs"][0].transpose(1, 2, 0)
+    shown = frame[28::2, :128:2][:64, :64]               # the left panel, at its own size
+    assert np.abs(shown.astype(int) - real.astype(int)).mean() < 8   # up to the GIF's palette
+    for argv, message in [(["--episode", "99"], "episode files"),
+                          (["--length", "10"], "at least 50"),
+                          (["--episodes", "0"], "--episodes must be"),
+                          (["--openloop"], "separate commands")]:
+        with pytest.raises(SystemExit, match=message):
+            plot.main([str(logdir), "--video", *argv, "--out", str(tmp_path / "x.gif")])
 
 
 # ---------------------------------------------------------------------------------------------
