@@ -45,13 +45,11 @@ from pathlib import Path
 
 def headless_gl(environ, platform):
     """MuJoCo's renderer must be chosen before dm_control is first imported (lazily, in
-    make_env). → "egl" for a Linux machine without a display (EGL renders headless, on a GPU or
-    with Mesa in software), else None: a user's own MUJOCO_GL wins, and on a desktop, macOS or
-    Windows dm_control's own choice (GLFW) stands. Where none works, MUJOCO_GL=osmesa renders
-    in software."""
-    if "MUJOCO_GL" in environ or not platform.startswith("linux"):
-        return None
-    return None if environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY") else "egl"
+    make_env). → "egl" on Linux (EGL renders without a display, on a GPU or with Mesa in
+    software, and the same pixels with one), else None: a user's own MUJOCO_GL wins, and on
+    macOS and Windows dm_control's own choice (GLFW) stands. Where neither works,
+    MUJOCO_GL=osmesa renders in software."""
+    return "egl" if platform.startswith("linux") and "MUJOCO_GL" not in environ else None
 
 
 if headless_gl(os.environ, sys.platform):
@@ -511,9 +509,9 @@ class TruncatedNormalActor(Actor):
 
     (Φ: the standard normal CDF; x_μ, x_σ: the network's two outputs per action entry.) Why it
     can help: the paper's a = tanh(u) has ∂a/∂u = 1 − tanh²u, which vanishes once |u| ≫ 1, so an
-    actor whose mean ran to the bound gets almost no gradient from Eq. 7. Here a sample away
-    from the bounds moves one-for-one with μ, σ never falls below 0.1, and μ's own tanh only
-    saturates as μ → ±1. Reparameterised sampling inverts the CDF:
+    actor whose mean ran to the bound gets almost no gradient from Eq. 7. Here a sample's
+    derivative with respect to μ does not vanish as μ nears a bound, σ never falls below 0.1,
+    and μ's own tanh only saturates as μ → ±1. Reparameterised sampling inverts the CDF:
     a = μ + σ·Φ⁻¹(Φ(α) + ε·(Φ(β) − Φ(α))), ε ~ U(0, 1); then [DreamerV2 code] a is clipped
     to ±(1 − 10⁻⁶) with a straight-through gradient. Same network and parameters as Actor."""
 
@@ -530,9 +528,9 @@ class TruncatedNormalActor(Actor):
         """Return (action, ln q_φ(action | s)), each [..., A] and [...]; sample=False gives μ,
         the truncated normal's mode, used for evaluation."""
         mean, std = self.dist_params(feat)
-        cdf_low = torch.special.ndtr((-1 - mean) / std)     # Φ(α)
-        mass = torch.special.ndtr((1 - mean) / std) - cdf_low   # Φ(β) − Φ(α), ≥ 0.33 here
         if sample:
+            cdf_low = torch.special.ndtr((-1 - mean) / std)                 # Φ(α)
+            mass = torch.special.ndtr((1 - mean) / std) - cdf_low           # Φ(β) − Φ(α)
             p = cdf_low + torch.rand_like(mean) * mass       # uniform between Φ(α) and Φ(β)
             eps = 1e-7                                       # Φ⁻¹(0) = −∞: keep p inside (0, 1)
             action = mean + std * torch.special.ndtri(p.clamp(eps, 1 - eps))
@@ -540,9 +538,15 @@ class TruncatedNormalActor(Actor):
             action = action + (clipped - action).detach()    # straight through the clip
         else:
             action = mean
+        return action, self.log_prob(action, mean, std).sum(-1)
+
+    @staticmethod
+    def log_prob(action, mean, std):
+        """ln q(a) = ln N(a; μ, σ) − ln(Φ(β) − Φ(α)) per entry, for a in [−1, 1]; all [..., A].
+        Φ(β) − Φ(α) > 0.32 for μ in (−1, 1) and σ < 2.1, so its logarithm is safe."""
+        mass = torch.special.ndtr((1 - mean) / std) - torch.special.ndtr((-1 - mean) / std)
         x = (action - mean) / std
-        log_prob = -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi) - torch.log(std * mass)
-        return action, log_prob.sum(-1)
+        return -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi) - torch.log(std * mass)
 
 
 # The actor's distribution, by --actor_dist: the paper's, and a successor's (not in the paper).
@@ -788,9 +792,12 @@ class Dreamer:
         with frozen(self.world_model, self.value):
             loss, feats, returns, weights, metrics = actor_loss(
                 self.world_model, self.actor, self.value, z, h, self.cfg)
-            with torch.no_grad():   # how far the mean sits in tanh's flat tails: actor_stuck
-                metrics["actor/mean_abs"] = self.actor.dist_params(
-                    torch.cat([z, h], -1))[0].abs().mean()
+            with torch.no_grad():   # is the actor stuck? (Trainer.watch_actor)
+                feat = torch.cat([z, h], -1)                                  # starts: [B, L, F]
+                mean, _ = self.actor.dist_params(feat)
+                mode, _ = self.actor(feat, sample=False)
+                metrics["actor/mean_abs"] = mean.abs().mean()   # |μ| (tanh_normal: pre-tanh)
+                metrics["actor/saturation"] = action_saturation(mode)         # as a tensor
             metrics["actor/grad_norm"] = self._step(loss, self.actor, self.actor_opt)
         return feats.detach(), returns.detach(), weights, metrics
 
@@ -1130,22 +1137,27 @@ def lock_logdir(logdir):
     return lock
 
 
-# A stuck actor (README: "When the actor collapses"): most executed actions at the bounds and a
-# vanishing gradient of Eq. 7, for STUCK_PHASES training phases in a row.
-SATURATED, STUCK_SATURATION, STUCK_GRAD_NORM, STUCK_PHASES = 0.95, 0.5, 0.01, 3
+# A stuck actor (README: "When the actor collapses"): the policy's mode at the bounds for most
+# states and a vanishing gradient of Eq. 7, for STUCK_PHASES training phases in a row.
+SATURATED, STUCK_SATURATION, STUCK_GRAD_NORM, STUCK_PHASES = 0.95, 0.5, 0.05, 3
 
 
 def action_saturation(actions):
-    """Fraction of action entries with |a| > 0.95: actions [T, A] → float. A uniform random
-    policy has 0.05; an actor whose tanh saturated, with the paper's exploration noise, 0.5–0.6."""
+    """Fraction of action entries with |a| > 0.95: a numpy array or a tensor of any shape → a
+    float or a 0-d tensor. Of executed actions (train/action_saturation, exploration noise
+    included) a uniform random policy has 0.05, and an actor pinned at a bound, with the
+    paper's noise N(0, 0.3), about 0.57; of the policy's mode (actor/saturation) 0 … 1."""
+    if isinstance(actions, torch.Tensor):
+        return (actions.abs() > SATURATED).float().mean()
     return float(np.mean(np.abs(actions) > SATURATED))
 
 
 def actor_stuck(history):
-    """history: [(action saturation of an episode, actor/grad_norm of the training phase before
-    it), …] → True when the last STUCK_PHASES entries all have saturation ≥ 0.5 and gradient norm
-    ≤ 0.01: the actor's mean has run into tanh's flat tails (∂a/∂u = 1 − tanh²u ≈ 0), so Eq. 7
-    barely moves it, and the agent keeps pushing to one side."""
+    """history: [(actor/saturation, actor/grad_norm) of each training phase, …] → True when the
+    last STUCK_PHASES phases all have the mode of ≥ 50 % of the start states' actions at
+    |a| > 0.95 and a gradient norm ≤ 0.05: the actor's mean has run into tanh's flat tails
+    (∂a/∂u = 1 − tanh²u ≈ 0), so Eq. 7 barely moves it, and the agent keeps pushing to one side.
+    (The seed-0 and seed-1 cpu runs on reacher_easy would have been flagged at 14k and 10k.)"""
     last = history[-STUCK_PHASES:]
     return len(last) == STUCK_PHASES and all(
         sat >= STUCK_SATURATION and grad <= STUCK_GRAD_NORM for sat, grad in last)
@@ -1320,8 +1332,9 @@ class Trainer:
             steps += length
             if i >= logged:
                 ret = float(np.sum(episode["reward"], dtype=np.float64))
-                new.append(json.dumps({"step": steps, "train/return": ret,
-                                       "train/length": length}))
+                new.append(json.dumps({"step": steps, "train/return": ret, "train/length": length,
+                                       "train/action_saturation":
+                                           action_saturation(episode["action"][1:])}))
         fixed = head + "".join(line + "\n" for line in new).encode()
         if fixed != data:
             save_atomically(path, lambda f: f.write(fixed))
@@ -1357,6 +1370,7 @@ class Trainer:
         while len(self.replay.episodes) >= cfg.seed_episodes and due_by >= c["next_train"]:
             metrics = self.train_phase()
             self.log(steps, metrics)
+            self.watch_actor(metrics)
             c["next_train"] += cfg.train_every
         return metrics
 
@@ -1428,7 +1442,6 @@ class Trainer:
                           "train/action_saturation": action_saturation(episode["action"][1:]),
                           "time/env_steps_per_s": new_steps / (time.perf_counter() - t_env)}
                 self.log(steps, record)
-                self.watch_actor(record, train_metrics, seeding)
                 if steps >= c["next_eval"] or steps >= cfg.steps:
                     self.evaluate_and_log(steps)
                 if steps >= c["next_checkpoint"]:
@@ -1471,19 +1484,18 @@ class Trainer:
               flush=True)
         return 0
 
-    def watch_actor(self, record, train_metrics, seeding):
-        """Say once, and keep running, when the actor looks stuck (actor_stuck)."""
-        if seeding or not train_metrics:
-            return
-        self.actor_history.append((record["train/action_saturation"],
-                                   train_metrics["actor/grad_norm"]))
+    def watch_actor(self, metrics):
+        """After each training phase: say once per process, and keep running, when the actor
+        looks stuck (actor_stuck). The history starts afresh when a run resumes."""
+        self.actor_history.append((metrics["actor/saturation"], metrics["actor/grad_norm"]))
         if actor_stuck(self.actor_history) and not self.warned_stuck:
             self.warned_stuck = True
             sat = min(s for s, _ in self.actor_history[-STUCK_PHASES:])
-            print(f"note: the actor looks stuck: in the last {STUCK_PHASES} episodes ≥ "
-                  f"{sat:.0%} of actions had |a| > {SATURATED} and the actor's gradient norm was "
-                  f"≤ {STUCK_GRAD_NORM} (its tanh saturated, so Eq. 7 barely moves it); see "
-                  f"README, \"When the actor collapses\". Training goes on.", flush=True)
+            print(f"note: the actor looks stuck: for {STUCK_PHASES} training phases the policy's "
+                  f"mode had |a| > {SATURATED} in ≥ {sat:.0%} of its actions and the actor's "
+                  f"gradient norm was ≤ {STUCK_GRAD_NORM} (a saturated tanh passes almost no "
+                  f"gradient of Eq. 7); see README, \"When the actor collapses\". Training goes "
+                  f"on.", flush=True)
 
     def kept(self):
         """What a run that stops on a fault leaves on disk, for its error line."""
@@ -1609,26 +1621,31 @@ def load_agent(logdir, device="cpu"):
 
 def export_agent(logdir, out):
     """Keep a trained agent small enough to share: the world model, actor and value model of a
-    run's last checkpoint, their weights stored as 16-bit floats (load_agent widens them back;
-    half the bytes, and actions that differ only by rounding), with the run's config.json and
-    metrics.jsonl, written into the folder `out` (created; refused if it holds a checkpoint).
+    run's last checkpoint, their weights stored as 16-bit floats (half the bytes; load_agent
+    widens them back), with the run's config.json and metrics.jsonl, written into the folder
+    `out` (created; refused if it holds a checkpoint).
     Optimiser and RNG states, and the replay, stay behind: the copy can be evaluated and
-    pictured (plot.py), not resumed. Raises UserError."""
+    pictured (plot.py), not resumed; its returns differ a little from the run's, as rounding
+    changes some actions and so the episode. Raises UserError."""
     logdir, out = Path(logdir), Path(out)
     try:
         _, _, state = read_run(logdir)
+        weights = {name: {k: v.half() if v.is_floating_point() else v
+                          for k, v in state[name].items()}
+                   for name in ("world_model", "actor", "value")}
+        weights.update(counters=state["counters"], last=state["last"])
+        files = {name: (logdir / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
     except Exception as e:
         raise UserError(f"cannot load the run in {logdir} ({one_line(e)})") from None
     if (out / "checkpoint.pt").exists():
         raise UserError(f"{out} already holds a checkpoint; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {name: {k: v.half() if v.is_floating_point() else v for k, v in state[name].items()}
-               for name in ("world_model", "actor", "value")}
-    weights.update(counters=state["counters"], last=state["last"])
-    for name in ("config.json", "metrics.jsonl"):
-        data = (logdir / name).read_bytes()
-        save_atomically(out / name, lambda f: f.write(data))
-    save_atomically(out / "checkpoint.pt", lambda f: torch.save(weights, f))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            save_atomically(out / name, lambda f, data=data: f.write(data))
+        save_atomically(out / "checkpoint.pt", lambda f: torch.save(weights, f))
+    except OSError as e:
+        raise UserError(f"cannot write the agent to {out} ({one_line(e)})") from None
 
 
 def play(task, cfg, agent, episodes):
@@ -1637,8 +1654,13 @@ def play(task, cfg, agent, episodes):
     of (episode dict as in run_episode, return). Initial states come from seed + 20,000, a
     stream that neither the run's training (seed) nor its evaluations (seed + 10,000) used;
     torch is seeded alike, because act() samples z_t."""
-    env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + REEVAL_SEED_OFFSET,
-                   shadow_size=cfg.shadow_size)
+    try:
+        env = make_env(task, cfg.action_repeat, cfg.time_limit,
+                       seed=cfg.seed + REEVAL_SEED_OFFSET, shadow_size=cfg.shadow_size)
+    except UserError:
+        raise
+    except Exception as e:   # e.g. no renderer: dm_control's ImportError or RuntimeError
+        raise UserError(f"cannot create the environment {task} ({one_line(e)})") from None
     seed_everything(cfg.seed + REEVAL_SEED_OFFSET)
     for _ in range(episodes):
         episode, ret = run_episode(env, lambda obs, s: agent.act(obs, s, explore=False))
@@ -1652,12 +1674,6 @@ def read_run(logdir, device="cpu"):
     cfg = Config(**{k: v for k, v in record.items() if k in names})
     state = torch.load(Path(logdir) / "checkpoint.pt", map_location=device, weights_only=False)
     return record.get("task"), cfg, state
-
-
-def load_world_model(logdir, device="cpu"):
-    """The world model of a run's checkpoint (load_agent) → (WorldModel, Config)."""
-    _, cfg, agent, _ = load_agent(logdir, device)
-    return agent.world_model.eval(), cfg
 
 
 def evaluate_run(logdir, episodes=None, device="cpu"):

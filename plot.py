@@ -98,9 +98,11 @@ def draw_open_loop(dreamer, wm, cfg, episodes, source, start, title, out):
     the horizon (dreamer.prediction_error), printed and drawn beside it (out's stem + -error)."""
     import torch
     torch.manual_seed(0)
+    rows = min(len(ep["reward"]) for ep, _ in episodes)
     try:
         r = dreamer.open_loop(wm, episodes[0][0], start=start, length=50, context=5)
-        error = dreamer.prediction_error(wm, [ep for ep, _ in episodes], horizon=45, context=5)
+        error = dreamer.prediction_error(wm, [ep for ep, _ in episodes],
+                                         horizon=min(45, rows - 5), context=5)
     except dreamer.UserError as e:
         raise SystemExit(f"plot.py: error: {e}") from None
     L, C = len(r["reward"]), r["context"]
@@ -126,7 +128,8 @@ def draw_open_loop(dreamer, wm, cfg, episodes, source, start, title, out):
     ax.set_xlabel("agent step in the episode")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}: {source}, {C} frames reconstructed, then open loop", fontsize=10)
+    first = source if len(episodes) == 1 else f"the first of {source}"
+    fig.suptitle(f"{title}: {first}, {C} frames reconstructed, then open loop", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
@@ -194,8 +197,8 @@ def write_video(dreamer, wm, episode, ret, length, out, scale=2):
     montage = Image.new("RGB", (frames[0].width, frames[0].height * len(sample)))
     for i, frame in enumerate(sample):
         montage.paste(frame, (0, i * frame.height))
-    palette = montage.quantize(colors=256, dither=Image.Dither.NONE)
-    frames = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
+    palette = montage.quantize(colors=256, dither=0)                   # 0: no dithering
+    frames = [frame.quantize(palette=palette, dither=0) for frame in frames]
     frames[0].save(out, save_all=True, append_images=frames[1:], duration=50, loop=0)
     print(f"wrote {out}: {len(frames)} frames, episode return {ret:.1f}")
 
@@ -269,17 +272,26 @@ def world_model_pictures(args):
         if value is not None and value < (0 if name == "start" else 1):
             raise SystemExit(f"plot.py: error: --{name} must be ≥ {int(name != 'start')}, "
                              f"got {value}")
+    unused = [flag for flag, given in (("--start", args.video and args.start),
+                                       ("--length", args.openloop and args.length),
+                                       ("--episodes", args.episode is not None
+                                        and args.episodes != 1)) if given]
+    if unused:
+        raise SystemExit(f"plot.py: error: {unused[0]} does nothing here (see --help)")
     run = Path(args.runs[0])
     dreamer, cfg, agent, episodes, source = load_episodes(run, args.episode, args.episodes)
     wm = agent.world_model.eval()
-    if args.openloop:
-        out = Path(args.out) if args.out else run / "openloop.png"
-        return draw_open_loop(dreamer, wm, cfg, episodes, source, args.start, run.name, out)
-    for i, (episode, ret) in enumerate(episodes):
-        out = Path(args.out) if args.out else run / "video.gif"
-        if len(episodes) > 1:
-            out = out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
-        write_video(dreamer, wm, episode, ret, args.length, out)
+    try:
+        if args.openloop:
+            out = Path(args.out) if args.out else run / "openloop.png"
+            return draw_open_loop(dreamer, wm, cfg, episodes, source, args.start, run.name, out)
+        for i, (episode, ret) in enumerate(episodes):
+            out = Path(args.out) if args.out else run / "video.gif"
+            if len(episodes) > 1:
+                out = out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+            write_video(dreamer, wm, episode, ret, args.length, out)
+    except (OSError, ValueError) as e:   # a folder that is not there, an unknown file type
+        raise SystemExit(f"plot.py: error: cannot write {out} ({e})") from None
 
 
 if __name__ == "__main__":
