@@ -2057,6 +2057,7 @@ def main(argv=None):
     """Train (or resume) a run, or --benchmark, or --evaluate RUN. Returns the exit status:
     0 done, 1 a fault during the run (RunError, out of memory, a failed read or write),
     2 bad input, 130 interrupted (143 by SIGTERM). A non-zero status comes with a line on stderr."""
+    args = None
     try:
         cfg, args = parse_args(argv)
         if args.make_exercise is not None:
@@ -2091,6 +2092,12 @@ def main(argv=None):
         print(f"dreamer.py: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:   # a read or write outside the logdir's checks, e.g. a full disk
+        logdir = getattr(args, "logdir", None)
+        if logdir and not Path(logdir).is_dir() and getattr(e, "filename", None):
+            print(f"dreamer.py: error: the logdir {logdir} was moved or deleted while the run "
+                  f"used it ({one_line(e)}); what was written before is wherever it went",
+                  file=sys.stderr)
+            return 1
         print(f"dreamer.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     except NotImplementedError as e:

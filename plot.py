@@ -200,7 +200,7 @@ def write_video(dreamer, wm, episode, ret, length, out, scale=2):
     palette = montage.quantize(colors=256, dither=0)                   # 0: no dithering
     frames = [frame.quantize(palette=palette, dither=0) for frame in frames]
     frames[0].save(out, save_all=True, append_images=frames[1:], duration=50, loop=0)
-    print(f"wrote {out}: {len(frames)} frames, episode return {ret:.1f}")
+    print(f"wrote {out}: {len(frames)} frames of an episode whose whole return is {ret:.1f}")
 
 
 def main(argv=None):
@@ -225,6 +225,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.openloop or args.video:
         return world_model_pictures(args)
+    for flag, given in (("--episode", args.episode is not None), ("--episodes", args.episodes != 1),
+                        ("--start", args.start != 0), ("--length", args.length is not None)):
+        if given:
+            raise SystemExit(f"plot.py: error: {flag} needs --openloop or --video")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_task = {}
     for run in args.runs:

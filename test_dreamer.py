@@ -1706,6 +1706,23 @@ def test_out_of_memory_is_one_line(capsys, tmp_path):
     assert err.startswith("dreamer.py: error: out of memory") and "\n" not in err
 
 
+def test_a_logdir_moved_away_during_a_run_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """Moving or deleting the logdir under a running run: the next write fails, and the line
+    says what happened instead of a bare FileNotFoundError."""
+    import shutil
+
+    def run(self):
+        shutil.move(str(self.logdir), str(tmp_path / "moved"))
+        self.log(1000, {"train/return": 0.0})
+    monkeypatch.setattr(d.Trainer, "run", run)
+    logdir = tmp_path / "run"
+    assert d.main(["--env", "reacher_easy", "--preset", "tiny", "--device", "cpu",
+                   "--logdir", str(logdir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dreamer.py: error: the logdir {logdir} was moved or deleted")
+    assert "\n" not in err and (tmp_path / "moved" / "config.json").exists()
+
+
 def tiny_world_model_and_episode(rows):
     """A freshly initialised tiny world model (seed 0) and a replay episode of random images,
     actions in [−1, 1] and rewards with `rows` rows."""
@@ -1846,7 +1863,9 @@ def test_plot_video_shows_real_model_and_error_frames(trained, tmp_path, capsys)
     with Image.open(tmp_path / "v.gif") as gif:
         assert gif.n_frames == 100                      # 101 rows: two chunks of 50
         assert gif.size == (2 * (3 * 64 + 2 * 4), 2 * 64 + 28)
-    assert "100 frames, episode return" in capsys.readouterr().out
+    assert "100 frames of an episode whose whole return is" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--length needs --openloop or --video"):
+        plot.main([str(logdir), "--length", "60"])
     plot.main([str(logdir), "--video", "--episode", "0", "--length", "60",
                "--out", str(tmp_path / "r.gif")])
     with Image.open(tmp_path / "r.gif") as gif:
