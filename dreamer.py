@@ -482,6 +482,11 @@ class Actor(nn.Module):
         std = F.softplus(std + self.raw_init_std) + self.min_std
         return mean, std
 
+    @staticmethod
+    def mode(mean):
+        """The action forward(sample=False) returns, from dist_params' mean: tanh(μ)."""
+        return torch.tanh(mean)
+
     def forward(self, feat, sample=True):
         """Return (action, log q_φ(action | s)); sample=False gives tanh(μ), the deterministic
         action used for evaluation: the pre-tanh Gaussian's mode pushed through tanh, which is
@@ -537,8 +542,13 @@ class TruncatedNormalActor(Actor):
             clipped = action.clamp(-1 + 1e-6, 1 - 1e-6)
             action = action + (clipped - action).detach()    # straight through the clip
         else:
-            action = mean
+            action = self.mode(mean)
         return action, self.log_prob(action, mean, std).sum(-1)
+
+    @staticmethod
+    def mode(mean):
+        """The truncated normal's mode, from dist_params' mean: μ itself."""
+        return mean
 
     @staticmethod
     def log_prob(action, mean, std):
@@ -793,11 +803,9 @@ class Dreamer:
             loss, feats, returns, weights, metrics = actor_loss(
                 self.world_model, self.actor, self.value, z, h, self.cfg)
             with torch.no_grad():   # is the actor stuck? (Trainer.watch_actor)
-                feat = torch.cat([z, h], -1)                                  # starts: [B, L, F]
-                mean, _ = self.actor.dist_params(feat)
-                mode, _ = self.actor(feat, sample=False)
+                mean, _ = self.actor.dist_params(torch.cat([z, h], -1))     # starts: [B, L, A]
                 metrics["actor/mean_abs"] = mean.abs().mean()   # |μ| (tanh_normal: pre-tanh)
-                metrics["actor/saturation"] = action_saturation(mode)         # as a tensor
+                metrics["actor/saturation"] = action_saturation(self.actor.mode(mean))
             metrics["actor/grad_norm"] = self._step(loss, self.actor, self.actor_opt)
         return feats.detach(), returns.detach(), weights, metrics
 
@@ -1040,9 +1048,16 @@ class DMCEnv:
 
 
 def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048):
-    """The public entry point for environments: see DMCEnv."""
-    return DMCEnv(task, action_repeat=action_repeat, time_limit=time_limit, seed=seed,
-                  shadow_size=shadow_size)
+    """The public entry point for environments: see DMCEnv. Raises UserError for an unknown
+    task and for a simulator that cannot be set up (e.g. dm_control's ImportError or
+    RuntimeError when no renderer works)."""
+    try:
+        return DMCEnv(task, action_repeat=action_repeat, time_limit=time_limit, seed=seed,
+                      shadow_size=shadow_size)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot create the environment {task} ({one_line(e)})") from None
 
 
 def run_episode(env, policy):
@@ -1613,7 +1628,7 @@ def load_agent(logdir, device="cpu"):
         agent = Dreamer(cfg, action_dim, device)
         for name, module in agent.modules().items():
             module.load_state_dict(state[name])
-        state["counters"]["updates"], state["last"]["eval/return"]
+        state["counters"]["updates"], state["last"]["eval/return"]   # read by evaluate_run
     except Exception as e:
         raise UserError(f"cannot load the run in {logdir} ({one_line(e)})") from None
     return task, cfg, agent, state
@@ -1654,13 +1669,8 @@ def play(task, cfg, agent, episodes):
     of (episode dict as in run_episode, return). Initial states come from seed + 20,000, a
     stream that neither the run's training (seed) nor its evaluations (seed + 10,000) used;
     torch is seeded alike, because act() samples z_t."""
-    try:
-        env = make_env(task, cfg.action_repeat, cfg.time_limit,
-                       seed=cfg.seed + REEVAL_SEED_OFFSET, shadow_size=cfg.shadow_size)
-    except UserError:
-        raise
-    except Exception as e:   # e.g. no renderer: dm_control's ImportError or RuntimeError
-        raise UserError(f"cannot create the environment {task} ({one_line(e)})") from None
+    env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + REEVAL_SEED_OFFSET,
+                   shadow_size=cfg.shadow_size)
     seed_everything(cfg.seed + REEVAL_SEED_OFFSET)
     for _ in range(episodes):
         episode, ret = run_episode(env, lambda obs, s: agent.act(obs, s, explore=False))

@@ -1706,6 +1706,17 @@ def test_out_of_memory_is_one_line(capsys, tmp_path):
     assert err.startswith("dreamer.py: error: out of memory") and "\n" not in err
 
 
+def test_an_environment_that_cannot_be_set_up_is_one_line(monkeypatch):
+    """A simulator that fails to start (here: the error dm_control raises when EGL finds no
+    device) becomes a UserError naming the task, for training, --evaluate and plot.py alike."""
+    def broken(*args, **kwargs):
+        raise ImportError("Cannot initialize a EGL device display")
+    monkeypatch.setattr(d, "DMCEnv", broken)
+    with pytest.raises(d.UserError, match="cannot create the environment reacher_easy "
+                                          r"\(ImportError: Cannot initialize"):
+        d.make_env("reacher_easy")
+
+
 def test_a_logdir_moved_away_during_a_run_is_named_in_one_line(tmp_path, monkeypatch, capsys):
     """Moving or deleting the logdir under a running run: the next write fails, and the line
     says what happened instead of a bare FileNotFoundError."""
