@@ -37,7 +37,9 @@ import random
 import re
 import shlex
 import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +121,9 @@ class Config:
     # World-model loss (Eq. 10) and optimisation.
     free_nats: float = _f(3.0, "free nats: KL term is max(mean KL, free_nats) [official code]")
     kl_scale: float = _f(1.0, "β: weight of the KL term J_D in Eq. 10")
+    representation: str = _f("reconstruction", "the world model's observation term (Sec. 4): "
+                                               "reconstruction (J_O, Eq. 10), contrastive "
+                                               "(J_NCE) or reward (none: reward and KL only)")
     model_lr: float = _f(6e-4, "Adam learning rate of the world model θ (paper Sec. 6)")
     actor_lr: float = _f(8e-5, "Adam learning rate of the actor φ (paper Sec. 6)")
     value_lr: float = _f(8e-5, "Adam learning rate of the value model ψ (paper Sec. 6)")
@@ -130,8 +135,10 @@ class Config:
     horizon: int = _f(15, "H: imagination horizon (paper Sec. 6)")
     discount: float = _f(0.99, "γ: discount of imagined rewards (paper Sec. 6)")
     lam: float = _f(0.95, "λ: mixes the k-step returns of Eq. 6 (paper Sec. 6)")
-    value_estimate: str = _f("lambda", "actor target: lambda (V_λ, Eq. 6) or reward (V_R, "
-                                       "Eq. 4, the paper's no-value ablation)")
+    value_estimate: str = _f("lambda", "actor and value target: lambda (V_λ, Eq. 6), nstep "
+                                       "(V_N^k, Eq. 5) or reward (V_R, Eq. 4, the paper's "
+                                       "no-value ablation)")
+    nstep_k: int = _f(0, "k of V_N^k (Eq. 5) for --value_estimate nstep; 0 means H")
     actor_mean_scale: float = _f(5.0, "mean = s·tanh(μ/s) bounds the actor's mean [official]")
     actor_init_std: float = _f(5.0, "actor std at initialisation [official code]")
     actor_min_std: float = _f(1e-4, "floor on the actor's std [official code]")
@@ -139,6 +146,8 @@ class Config:
                                         "trunc_normal (DreamerV2's; not in the paper)")
     actor_entropy: float = _f(0.0, "η: weight of an entropy bonus in the actor loss (not in "
                                    "the paper, which has 0; DreamerV2 uses 1e-4)")
+    return_norm: str = _f("none", "none (paper), or percentile: the actor's returns ÷ max(1, S), "
+                                  "S their 5th–95th percentile range (DreamerV3; not in paper)")
     expl_noise: float = _f(0.3, "std of Gaussian noise added to actions while collecting (paper)")
     # Evaluation, checkpoints, seeding.
     eval_every: int = _f(10_000, "env steps between evaluations (10k, 20k, …; official: 10k apart)")
@@ -178,7 +187,8 @@ def validate(cfg):
     checks that need the task (its episode length) are in check_task_fits."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name in ("precision", "value_estimate", "actor_dist"):
+        if f.name in ("precision", "value_estimate", "actor_dist", "return_norm",
+                      "representation"):
             continue
         if not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
@@ -186,15 +196,25 @@ def validate(cfg):
             if not 0 <= v < 2 ** 32 - REEVAL_SEED_OFFSET:   # room for the eval seeds
                 raise UserError(f"--seed must be in [0, 2³² − {REEVAL_SEED_OFFSET:,}), got {v}")
             continue
-        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_entropy"):
+        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_entropy", "nstep_k"):
             if v < 0:
                 raise UserError(f"--{f.name} must be ≥ 0, got {v}")
         elif v <= 0:
             raise UserError(f"--{f.name} must be > 0, got {v}")
-    if cfg.value_estimate not in ("lambda", "reward"):
-        raise UserError(f"--value_estimate must be lambda or reward, got {cfg.value_estimate!r}")
+    if cfg.value_estimate not in ("lambda", "nstep", "reward"):
+        raise UserError(f"--value_estimate must be lambda, nstep or reward, got "
+                        f"{cfg.value_estimate!r}")
+    if cfg.nstep_k and cfg.value_estimate != "nstep":
+        raise UserError(f"--nstep_k is k of --value_estimate nstep; with "
+                        f"--value_estimate {cfg.value_estimate} it would do nothing")
+    if cfg.representation not in REPRESENTATIONS:
+        raise UserError(f"--representation must be one of {', '.join(REPRESENTATIONS)}, got "
+                        f"{cfg.representation!r}")
     if cfg.actor_dist not in ACTORS:
         raise UserError(f"--actor_dist must be one of {', '.join(ACTORS)}, got {cfg.actor_dist!r}")
+    if cfg.return_norm not in RETURN_NORMS:
+        raise UserError(f"--return_norm must be one of {', '.join(RETURN_NORMS)}, "
+                        f"got {cfg.return_norm!r}")
     if cfg.actor_dist == "trunc_normal":
         for name in ("actor_mean_scale", "actor_init_std", "actor_min_std"):
             if getattr(cfg, name) != Config.__dataclass_fields__[name].default:
@@ -394,7 +414,8 @@ class RSSM(nn.Module):
 
 
 # ============================================================================================
-# World model, part 3: the decoder, observation model q(o_t | s_t) (Sec. 4, Eq. 10's J_O)
+# World model, part 3: the decoder, observation model q(o_t | s_t) (Sec. 4, Eq. 10's J_O), or
+# the state model q(s_t | o_t) of contrastive estimation (Sec. 4, "Representation learning")
 # ============================================================================================
 
 class Decoder(nn.Module):
@@ -428,6 +449,23 @@ class Decoder(nn.Module):
         return x.float().reshape(*lead, 3, 64, 64)
 
 
+class StateModel(nn.Module):
+    """The state model q(s_t | o_t) of contrastive estimation (Sec. 4, --representation
+    contrastive), which takes the decoder's place: a diagonal Gaussian over the model state
+    s_t = cat(z_t, h_t) given the image alone. The paper calls it a CNN; it reads the encoder's
+    embedding of o_t (the encoder is the CNN, shared with the RSSM) through [paper's TF1 code]
+    3 × `units` ELU layers → mean and std, σ = softplus(x) + 0.01."""
+
+    def __init__(self, cfg, embed_size, feat_size):
+        super().__init__()
+        self.net = mlp(embed_size, cfg.units, 3, 2 * feat_size)
+
+    def forward(self, embed):
+        """embed [..., E] → mean and std of q(s_t | o_t), each [..., F]."""
+        mean, std = self.net(embed).chunk(2, -1)
+        return mean, F.softplus(std) + 0.01
+
+
 # ============================================================================================
 # World model, part 4: the reward model q(r_t | s_t) (Eq. 1), and the assembled world model
 # ============================================================================================
@@ -443,15 +481,26 @@ class RewardModel(nn.Module):
         return self.net(feat).squeeze(-1)               # [...] mean reward
 
 
+# The world model's observation term (Sec. 4), by --representation: reconstruction (the paper's
+# Dreamer, Eq. 10), contrastive estimation, or reward prediction alone (world_model_loss).
+REPRESENTATIONS = ("reconstruction", "contrastive", "reward")
+
+
 class WorldModel(nn.Module):
-    """θ: encoder, RSSM, decoder and reward model, trained together by Eq. 10."""
+    """θ: encoder, RSSM, decoder and reward model, trained together by Eq. 10. With
+    --representation contrastive a state model q(s_t | o_t) replaces the decoder; with reward
+    there is neither (decoder and state_model are None when absent)."""
 
     def __init__(self, cfg, action_dim):
         super().__init__()
         self.encoder = Encoder(cfg.cnn_depth, cfg.precision)
         self.rssm = RSSM(cfg, action_dim, self.encoder.embed_size)
         self.feat_size = cfg.stoch_size + cfg.deter_size   # s_t = cat(z_t, h_t)
-        self.decoder = Decoder(cfg.cnn_depth, self.feat_size, cfg.precision)
+        self.representation, self.decoder, self.state_model = cfg.representation, None, None
+        if cfg.representation == "reconstruction":
+            self.decoder = Decoder(cfg.cnn_depth, self.feat_size, cfg.precision)
+        elif cfg.representation == "contrastive":
+            self.state_model = StateModel(cfg, self.encoder.embed_size, self.feat_size)
         self.reward = RewardModel(cfg, self.feat_size)
         init_like_keras(self)
 
@@ -563,6 +612,40 @@ class TruncatedNormalActor(Actor):
 ACTORS = {"tanh_normal": Actor, "trunc_normal": TruncatedNormalActor}
 
 
+class ReturnScale(nn.Module):
+    """Not in the paper: DreamerV3's return normalisation (Hafner et al. 2023, "Mastering Diverse
+    Domains through World Models", Sec. 2 "Actor learning"), chosen by --return_norm percentile;
+    README: "When the actor collapses". actor_loss divides the returns of Eq. 7 by
+
+        max(1, S),   S ← 0.99·S + 0.01·(Per(R, 95) − Per(R, 5)),   S = 0 at the start,
+
+    Per(R, p) the p-th percentile of one batch's λ-returns (all H−1 steps and N starts), S an
+    exponential moving average over updates, kept in the checkpoint. Large returns are scaled
+    down, small ones never up (so noise in sparse rewards is not amplified). Why it can matter
+    here although Adam ignores a constant scale of the loss: it sets the balance between the
+    return and the entropy bonus (--actor_entropy; DreamerV3 uses η = 3·10⁻⁴ with it), so that
+    one η means the same on every task. [DreamerV3 code] EMAs Per(R, 5) and Per(R, 95) apart;
+    their difference is the same EMA. DreamerV3 also subtracts v(s_τ), a baseline for its
+    REINFORCE gradients; the dynamics gradient of Eq. 7 needs none, so we leave it out."""
+
+    def __init__(self, decay=0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("scale", torch.zeros(()))                # S
+
+    @torch.no_grad()
+    def forward(self, returns):
+        """returns [...] (any shape) → max(1, S) as a 0-d tensor, after updating S with them."""
+        q = torch.tensor([0.05, 0.95], device=returns.device)
+        low, high = torch.quantile(returns.detach().flatten().float(), q)   # Per(R, 5), (R, 95)
+        self.scale.mul_(self.decay).add_((1 - self.decay) * (high - low))
+        return self.scale.clamp(min=1.0)
+
+
+# The actor's return normalisation, by --return_norm: none (the paper's) or DreamerV3's.
+RETURN_NORMS = {"none": lambda: None, "percentile": ReturnScale}
+
+
 # ============================================================================================
 # Behaviour, part 2: the value model v_ψ(s_τ) (Eq. 2)
 # ============================================================================================
@@ -652,6 +735,28 @@ def frozen(*modules):
             p.requires_grad_(flag)
 
 
+def contrastive_log_likelihood(feat, mean, std):
+    """J_NCE (Sec. 4, contrastive estimation): ln q(s_t | o_t) − ln Σ_{o′} q(s_t | o′), the sum
+    over the N observations o′ of the batch, as the paper writes it: the normaliser runs over
+    observations for a fixed state (the paper's TF1 code normalises the other way, over states
+    for a fixed observation; both are InfoNCE bounds). feat [..., F]: the states s_t; mean,
+    std [..., F]: q(s | o) of each position's own observation. → the mean over the N states,
+    0-d, ≤ 0: 0 when each state is told apart by its own image, ln(1/N) when images tell
+    nothing. Its gradient reaches the state model, the encoder and the states s_t."""
+    s, mean, std = (x.reshape(-1, x.shape[-1]) for x in (feat, mean, std))      # [N, F]
+    # ln q(s_i | o_j) for all pairs i, j: [N, N], without the constant −(F/2)·ln 2π, which
+    # cancels. −½ Σ_d (s_id − μ_jd)²·w_jd − Σ_d ln σ_jd, w = 1/σ², expanded into matrix
+    # products so that no [N, N, F] table is built (N = B·L = 2500 at the paper's batch).
+    # Shifting s and μ by the same vector c leaves every difference s_i − μ_j, and so the
+    # logits, unchanged; c = the batch mean keeps the squares small in float32.
+    c = s.mean(0).detach()
+    s, mean = s - c, mean - c
+    w = std.pow(-2)
+    sq = (s * s) @ w.t() - 2 * s @ (mean * w).t() + (mean * mean * w).sum(-1)  # Σ_d (s−μ)²w
+    logits = -0.5 * sq - torch.log(std).sum(-1)                    # [N states, N images]
+    return (logits.diagonal() - torch.logsumexp(logits, 1)).mean()
+
+
 def world_model_loss(wm, batch, cfg):
     """(Eq. 10) J_REC = E[Σ_t (J_O^t + J_R^t + J_D^t)], maximised; we minimise its negative,
     [official code] averaged over the L steps instead of summed (so free nats count per step).
@@ -661,17 +766,26 @@ def world_model_loss(wm, batch, cfg):
     term, and the KL summed over z's dimensions, is averaged over B·L; free nats apply to the
     batch-mean KL. Returns (loss, metrics, posterior states z [B, L, Z] and h [B, L, D]); metrics
     holds 0-d tensors model/loss, model/image_loss (−J_O), model/reward_loss (−J_R), model/kl
-    (the mean KL before free nats), model/prior_entropy and model/post_entropy."""
+    (the mean KL before free nats), model/prior_entropy and model/post_entropy.
+    Sec. 4, the other representations (cfg.representation): contrastive replaces J_O by J_NCE
+    (metric model/contrastive_loss, −J_NCE), reward drops it; J_R and J_D stay in both."""
     # EXERCISE world_model_loss: encode, rssm.observe, decode; β·max(KL, free nats) − J_O − J_R
     obs = preprocess(batch["obs"])                                  # [B, L, 3, 64, 64]
     embed = wm.encoder(obs)                                         # [B, L, E]
     s = wm.rssm.observe(embed, batch["action"])                     # each [B, L, ·]
     feat = torch.cat([s["z"], s["h"]], -1)                          # s_t: [B, L, Z + D]
-    # J_O = ln q(o_t | s_t) = −½‖o_t − ô_t‖², summed over the 3·64·64 pixels, averaged over B, L.
-    # speed: mse_loss is one fused pass (forward and backward) over the 30M pixels of a batch,
-    # where −½·(o − ô)² written out takes four; the value is the same.
     B, L = batch["reward"].shape
-    image_ll = -0.5 * F.mse_loss(wm.decoder(feat), obs, reduction="sum") / (B * L)
+    if cfg.representation == "reconstruction":
+        # J_O = ln q(o_t | s_t) = −½‖o_t − ô_t‖², summed over the 3·64·64 pixels, averaged over
+        # B, L. speed: mse_loss is one fused pass (forward and backward) over the 30M pixels of
+        # a batch, where −½·(o − ô)² written out takes four; the value is the same.
+        obs_ll = -0.5 * F.mse_loss(wm.decoder(feat), obs, reduction="sum") / (B * L)
+        obs_metric = {"model/image_loss": -obs_ll}
+    elif cfg.representation == "contrastive":   # J_NCE (Sec. 4) over the batch's B·L images
+        obs_ll = contrastive_log_likelihood(feat, *wm.state_model(embed))
+        obs_metric = {"model/contrastive_loss": -obs_ll}
+    else:                                       # reward prediction alone: no observation term
+        obs_ll, obs_metric = 0.0, {}
     # J_R = ln q(r_t | s_t), averaged over B and L.
     reward_ll = gaussian_log_likelihood(wm.reward(feat), batch["reward"]).mean()
     # J_D = −β·KL(p(s_t | s_{t−1}, a_{t−1}, o_t) ‖ q(s_t | s_{t−1}, a_{t−1})): summed over z's
@@ -680,11 +794,10 @@ def world_model_loss(wm, batch, cfg):
     kl = kl_gaussian(s["post_mean"], s["post_std"], s["prior_mean"], s["prior_std"])
     kl = kl.sum(-1).mean()
     kl_loss = torch.clamp(kl, min=cfg.free_nats)
-    loss = cfg.kl_scale * kl_loss - image_ll - reward_ll            # −J_REC
+    loss = cfg.kl_scale * kl_loss - obs_ll - reward_ll              # −J_REC
     prior_ent = (torch.log(s["prior_std"]) + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
     post_ent = (torch.log(s["post_std"]) + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
-    metrics = {"model/loss": loss, "model/image_loss": -image_ll,
-               "model/reward_loss": -reward_ll, "model/kl": kl,
+    metrics = {"model/loss": loss, **obs_metric, "model/reward_loss": -reward_ll, "model/kl": kl,
                "model/prior_entropy": prior_ent.mean(), "model/post_entropy": post_ent.mean()}
     return loss, metrics, s["z"], s["h"]
     # END EXERCISE
@@ -708,12 +821,14 @@ def imagine(wm, actor, z, h, horizon):
     # END EXERCISE
 
 
-def actor_loss(wm, actor, value_model, z, h, cfg):
+def actor_loss(wm, actor, value_model, z, h, cfg, return_scale=None):
     """(Eq. 7) max_φ E[Σ_{τ=t}^{t+H} V_λ(s_τ)], minimised as its negative.
     Start states: every posterior state of the batch, z [..., Z], h [..., D] (e.g. [B, L, ·]),
     flattened to N = B·L starts with the gradient stopped [official code]. With
-    cfg.value_estimate == "reward" the target is V_R (Eq. 4) instead of V_λ, and
+    cfg.value_estimate == "reward" the target is V_R (Eq. 4), with "nstep" V_N^k (Eq. 5), and
     cfg.actor_entropy = η adds −η·(mean entropy estimate −ln q_φ) to the loss (not in the paper).
+    A ReturnScale (not in the paper) divides the returns' term by its max(1, S) and adds S as
+    the metric actor/return_scale; None (the paper) leaves the loss as it is.
     Returns (loss, feats [H, N, F], returns [H−1, N], weights [H−1, N], metrics); metrics holds
     the scalars actor/loss, actor/entropy, behaviour/imagined_reward and behaviour/return."""
     # EXERCISE actor_loss: imagine from sg(starts); V_λ of s_1…s_{H−1}; −mean(w_τ·V_λ)
@@ -724,6 +839,9 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     discount = cfg.discount * torch.ones_like(reward)                # γ (no early ends on DMC)
     if cfg.value_estimate == "reward":                               # (Eq. 4), an ablation
         returns = reward_sum(reward)[:-1]                            # [H−1, N]
+    elif cfg.value_estimate == "nstep":                              # (Eq. 5), k = nstep_k or H
+        returns = nstep_return(reward[:-1], value[:-1], discount[:-1], value[-1],
+                               cfg.nstep_k or cfg.horizon)            # [H−1, N]
     else:
         # (Eq. 6) [official code] returns for s_1 … s_{H−1}; v(s_H) is the bootstrap. [H−1, N]
         returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], cfg.lam)
@@ -732,6 +850,9 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0)
     weights = weights.detach()
     loss = -(weights * returns).mean()
+    scale = None if return_scale is None else return_scale(returns)  # max(1, S), not in paper
+    if scale is not None:
+        loss = loss / scale
     # Not in the paper (default η = 0): −η·E[H], H ≈ −ln q_φ(a_τ | s_τ) from the one sample
     # (as in DreamerV2). Once tanh saturates (|μ| ≫ 1), ∂a/∂μ = 1 − tanh²u ≈ 0 and the return
     # no longer moves μ, but ∂(−η·H)/∂u = 2η·tanh u does not vanish, so this pulls u back
@@ -742,6 +863,8 @@ def actor_loss(wm, actor, value_model, z, h, cfg):
     metrics = {"actor/loss": loss, "actor/entropy": entropy.detach(),
                "behaviour/imagined_reward": reward.detach().mean(),
                "behaviour/return": returns.detach().mean()}
+    if scale is not None:
+        metrics["actor/return_scale"] = return_scale.scale.clone()  # S (the divisor: max(1, S))
     return loss, feats, returns, weights, metrics
     # END EXERCISE
 
@@ -768,6 +891,10 @@ class Dreamer:
         self.world_model = WorldModel(cfg, action_dim).to(self.device)
         self.actor = ACTORS[cfg.actor_dist](cfg, action_dim).to(self.device)
         self.value = ValueModel(cfg).to(self.device)
+        # None unless --return_norm percentile (DreamerV3's, not in the paper)
+        self.return_scale = RETURN_NORMS[cfg.return_norm]()
+        if self.return_scale is not None:
+            self.return_scale.to(self.device)
         adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr, eps=cfg.adam_eps)
         self.model_opt = adam(self.world_model, cfg.model_lr)
         self.actor_opt = adam(self.actor, cfg.actor_lr)
@@ -801,7 +928,7 @@ class Dreamer:
         state, N = B·L starts. World model and value model stay fixed."""
         with frozen(self.world_model, self.value):
             loss, feats, returns, weights, metrics = actor_loss(
-                self.world_model, self.actor, self.value, z, h, self.cfg)
+                self.world_model, self.actor, self.value, z, h, self.cfg, self.return_scale)
             with torch.no_grad():   # is the actor stuck? (Trainer.watch_actor)
                 mean, _ = self.actor.dist_params(torch.cat([z, h], -1))     # starts: [B, L, A]
                 metrics["actor/mean_abs"] = mean.abs().mean()   # |μ| (tanh_normal: pre-tanh)
@@ -847,7 +974,10 @@ class Dreamer:
         return action[0].cpu().numpy(), (z, h, action)
 
     def modules(self):
-        return {"world_model": self.world_model, "actor": self.actor, "value": self.value}
+        modules = {"world_model": self.world_model, "actor": self.actor, "value": self.value}
+        if self.return_scale is not None:
+            modules["return_scale"] = self.return_scale        # its S goes into the checkpoint
+        return modules
 
     def optimisers(self):
         return {"model_opt": self.model_opt, "actor_opt": self.actor_opt,
@@ -1562,9 +1692,17 @@ def filter_and_predict(wm, obs, action, context):
     return filtered, torch.cat(predicted, 1)                            # [N, L, F] each
 
 
+def require_decoder(wm):
+    """Raise UserError unless the world model has a decoder to draw its predictions with."""
+    if wm.decoder is None:
+        raise UserError(f"this world model has no decoder to draw: it was trained with "
+                        f"--representation {wm.representation}, which learns no images")
+
+
 def decode_image(wm, feat):
     """The decoder's mean image (Eq. 1, observation model) as uint8: feat [..., F] →
-    [..., 3, 64, 64]."""
+    [..., 3, 64, 64]. Raises UserError for a world model without a decoder."""
+    require_decoder(wm)
     return ((wm.decoder(feat) + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -1595,7 +1733,8 @@ def prediction_error(wm, episodes, horizon=45, context=5, stride=10):
     episode (replay dicts as in open_loop). Image error: per-pixel MSE of the decoder's mean
     with pixels in [0, 1]; reward error: mean |r̂_t − r_t|. → dict of numpy [horizon] arrays
     image_open, image_filtered, reward_open, reward_filtered, and chunks (how many). Random:
-    z_t is sampled; seed torch to repeat it."""
+    z_t is sampled; seed torch to repeat it. Raises UserError without a decoder."""
+    require_decoder(wm)
     device = next(wm.parameters()).device
     L = context + horizon
     chunks = [{k: np.asarray(v)[t:t + L] for k, v in ep.items()}
@@ -1636,9 +1775,10 @@ def load_agent(logdir, device="cpu"):
 
 def export_agent(logdir, out):
     """Keep a trained agent small enough to share: the world model, actor and value model of a
-    run's last checkpoint, their weights stored as 16-bit floats (half the bytes; load_agent
-    widens them back), with the run's config.json and metrics.jsonl, written into the folder
-    `out` (created; refused if it holds a checkpoint).
+    run's last checkpoint (and its return scale S, if it used --return_norm), their weights
+    stored as 16-bit floats (half the bytes; load_agent widens them back), with the run's
+    config.json and metrics.jsonl, written into the folder `out` (created; refused if it holds
+    a checkpoint).
     Optimiser and RNG states, and the replay, stay behind: the copy can be evaluated and
     pictured (plot.py), not resumed; its returns differ a little from the run's, as rounding
     changes some actions and so the episode. Raises UserError."""
@@ -1647,7 +1787,8 @@ def export_agent(logdir, out):
         _, _, state = read_run(logdir)
         weights = {name: {k: v.half() if v.is_floating_point() else v
                           for k, v in state[name].items()}
-                   for name in ("world_model", "actor", "value")}
+                   for name in ("world_model", "actor", "value", "return_scale")
+                   if name in state}
         weights.update(counters=state["counters"], last=state["last"])
         files = {name: (logdir / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
     except Exception as e:
@@ -1896,6 +2037,72 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
 
 
 # ============================================================================================
+# Ablations (python dreamer.py --ablation value|representation): the paper's comparisons
+# ============================================================================================
+# Fig. 7 (Sec. 6): Dreamer's V_λ against "no value", V_R (Eq. 4). Fig. 8 (Sec. 6): the world
+# model learned by reconstruction, by contrastive estimation, or by predicting rewards alone.
+# Each arm is an ordinary run in its own logdir, ROOT/ARM-sSEED, so the same command resumes all
+# of them, and `python plot.py ROOT` draws the arms' mean ± std over the seeds run so far.
+ABLATIONS = {"value": ("value_estimate", ("lambda", "reward")),
+             "representation": ("representation", REPRESENTATIONS)}
+
+
+def ablation_runs(kind, root, seed):
+    """→ {arm: logdir} of one seed of an ablation: ROOT/ARM-sSEED."""
+    field, arms = ABLATIONS[kind]
+    return {arm: Path(root) / f"{arm}-s{seed}" for arm in arms}
+
+
+def run_ablation(args, cfg, argv_flags):
+    """Train the arms of ablation args.ablation side by side, as child processes of this file
+    with the same flags (argv_flags) plus the arm's own value and logdir, the CPU's threads
+    shared out among them; their output lines are prefixed with [arm]. Ctrl-C or SIGTERM is
+    passed on to every arm, which saves its checkpoint (a second one stops them at once).
+    → the first non-zero exit status of the arms, or 0."""
+    field, arms = ABLATIONS[args.ablation]
+    runs = ablation_runs(args.ablation, args.logdir, cfg.seed)
+    threads = max(1, torch.get_num_threads() // len(arms))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    print(f"ablation {args.ablation} on {args.env}: {', '.join(arms)} side by side, "
+          f"{threads} thread(s) each, in {args.logdir}", flush=True)
+    procs = {}
+    for arm, logdir in runs.items():
+        cmd = [sys.executable, os.path.abspath(__file__), *argv_flags, f"--{field}", arm,
+               "--logdir", str(logdir)]
+        # A new session: a Ctrl-C in the terminal reaches only this process, which passes it on
+        # once, so that an arm sees one signal per Ctrl-C.
+        procs[arm] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                      start_new_session=True)
+
+    def pass_on(signum, frame):
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def relay(arm, proc):
+        for line in proc.stdout:
+            print(f"[{arm}] {line}", end="", flush=True)
+
+    relays = [threading.Thread(target=relay, args=item, daemon=True) for item in procs.items()]
+    try:
+        for t in relays:
+            t.start()
+        codes = {arm: proc.wait() for arm, proc in procs.items()}
+        for t in relays:
+            t.join()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for arm, code in codes.items():
+        print(f"{arm}: {'done' if code == 0 else f'exit status {code}'} ({runs[arm]})")
+    print(f"draw the arms: python plot.py {args.logdir}")
+    return next((code for code in codes.values() if code), 0)
+
+
+# ============================================================================================
 # Exercises (python dreamer.py --make-exercise NAMES --out FILE): a student copy of this file
 # ============================================================================================
 # Each gradable piece's body sits between two marker lines, at the body's indentation:
@@ -2004,6 +2211,11 @@ def build_parser():
                    help="write a student copy of this file to --out with the bodies of NAMES "
                         "(comma-separated, or all) cut out; 'list' lists them; exit")
     p.add_argument("--out", metavar="FILE", default=None, help="where --make-exercise writes")
+    p.add_argument("--ablation", default=None,
+                   help="train the arms of one of the paper's ablations side by side: value "
+                        "(--value_estimate lambda, reward: Fig. 7) or representation "
+                        "(--representation reconstruction, contrastive, reward: Fig. 8), each "
+                        "in LOGDIR/ARM-sSEED (default LOGDIR: runs/ablation-KIND-ENV-PRESET)")
     for f in dataclasses.fields(Config):
         # default=None so we can tell a flag the user gave from one the preset should set.
         p.add_argument(f"--{f.name}", type=f.type,
@@ -2019,6 +2231,7 @@ def parse_args(argv=None):
     given += [f"--{f.name}" for f in dataclasses.fields(Config)
               if getattr(args, f.name) is not None]
     given += ["--benchmark"] * args.benchmark
+    given += ["--ablation"] * (args.ablation is not None)
     if args.make_exercise is not None:
         if given:
             raise UserError(f"--make-exercise takes only --out besides, not {' '.join(given)}")
@@ -2058,6 +2271,21 @@ def parse_args(argv=None):
                         f"device(s), numbered from 0")
     if args.logdir == "":
         raise UserError("--logdir needs a folder name")
+    if args.ablation is not None:
+        if args.ablation not in ABLATIONS:
+            raise UserError(f"unknown ablation {args.ablation!r}; valid: {', '.join(ABLATIONS)}")
+        field = ABLATIONS[args.ablation][0]
+        clash = [g for g in given if g in (f"--{field}", "--evaluate", "--benchmark")]
+        if clash:
+            raise UserError(f"--ablation {args.ablation} sets --{field} itself and only trains; "
+                            f"drop {' '.join(clash)}")
+        # What each arm is started with: the task, preset and device, and the flags given.
+        args.arm_flags = ["--env", args.env, "--preset", args.preset, "--device", args.device]
+        for f in dataclasses.fields(Config):
+            if getattr(args, f.name) is not None:
+                args.arm_flags += [f"--{f.name}", str(getattr(args, f.name))]
+        if args.logdir is None:
+            args.logdir = os.path.join("runs", f"ablation-{args.ablation}-{args.env}-{args.preset}")
     if args.logdir is None:
         args.logdir = os.path.join("runs", f"{args.env}-{args.preset}-s{cfg.seed}")
     return cfg, args
@@ -2082,15 +2310,19 @@ def main(argv=None):
         if args.evaluate is not None:
             evaluate_run(args.evaluate, args.eval_episodes, args.device)
             return 0
+        if args.ablation is not None:
+            return run_ablation(args, cfg, args.arm_flags)
         trainer = Trainer(cfg, args.env, args.logdir, args.device)
         agent = trainer.agent
-        counts = {"encoder": agent.world_model.encoder, "rssm": agent.world_model.rssm,
-                  "decoder": agent.world_model.decoder, "reward": agent.world_model.reward,
-                  "world model": agent.world_model, "actor": agent.actor, "value": agent.value}
+        wm = agent.world_model
+        counts = {"encoder": wm.encoder, "rssm": wm.rssm, "decoder": wm.decoder,
+                  "state model": wm.state_model, "reward": wm.reward, "world model": wm,
+                  "actor": agent.actor, "value": agent.value}
         print(f"Dreamer on {args.env} | preset {args.preset} | device {args.device} "
               f"({torch.get_num_threads()} threads) | logdir {args.logdir}")
         print("parameters: " + " · ".join(f"{k} {count_parameters(m):,}"
-                                          for k, m in counts.items()), flush=True)
+                                          for k, m in counts.items() if m is not None),
+              flush=True)
         try:
             return trainer.run()        # handles Ctrl-C itself once training has started
         finally:

@@ -5,10 +5,12 @@
     python plot.py RUN --metric train/return                        # another logged metric
     python plot.py RUN --openloop         # → RUN/openloop.png and RUN/openloop-error.png
     python plot.py RUN --video            # → RUN/video.gif
+    python plot.py runs/ablation-value-reacher_easy-cpu   # an ablation's arms → .../curves.png
 
 Curves: each run is one line; with several runs of one task the mean ± std over runs (at the
 steps they share) is drawn too. Published Dreamer scores at 100k and 500k env steps are marked
-where known.
+where known. An ablation's folder (dreamer.py --ablation) draws one colour per arm: its seeds
+thin, their mean ± std thick.
 
 --openloop and --video use the run's latest checkpoint (a weights-only one is enough) on an
 episode its policy plays now (mode, no exploration noise, new initial states, as
@@ -76,6 +78,7 @@ def load_episodes(run, episode, count):
     run = Path(run)
     try:
         task, cfg, agent, _ = dreamer.load_agent(run)
+        dreamer.require_decoder(agent.world_model)   # before playing: nothing to draw without
         if episode is None:
             episodes = list(dreamer.play(task, cfg, agent, count))
             return dreamer, cfg, agent, episodes, (f"{count} new episode{'s' * (count > 1)} "
@@ -229,6 +232,8 @@ def main(argv=None):
                         ("--start", args.start != 0), ("--length", args.length is not None)):
         if given:
             raise SystemExit(f"plot.py: error: {flag} needs --openloop or --video")
+    if len(args.runs) == 1 and is_ablation(Path(args.runs[0])):
+        return draw_ablation(Path(args.runs[0]), args.metric, args.out)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_task = {}
     for run in args.runs:
@@ -262,6 +267,50 @@ def main(argv=None):
     ax.grid(alpha=0.3)
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png"
                                            if len(args.runs) == 1 else Path("curves.png"))
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def is_ablation(root):
+    """An ablation's folder (dreamer.py --ablation): no metrics.jsonl of its own, runs below."""
+    return (not (root / "metrics.jsonl").exists()
+            and any(p.is_dir() and (p / "metrics.jsonl").exists() for p in root.glob("*-s*")))
+
+
+def draw_ablation(root, metric, out):
+    """The arms of one ablation in one figure: per arm (its runs ROOT/ARM-sSEED), each seed a
+    thin line and the mean ± std over the seeds at the steps they share a thick line and band."""
+    arms = {}
+    for run in sorted(p for p in root.glob("*-s*") if (p / "metrics.jsonl").exists()):
+        arm, _, seed = run.name.rpartition("-s")
+        task, series = load_run(run)
+        if metric in series and seed.isdigit():
+            arms.setdefault(arm, []).append((int(seed), *series[metric]))
+    if not arms:
+        raise SystemExit(f"plot.py: error: no run in {root} has {metric!r} yet")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (arm, runs) in enumerate(arms.items()):
+        color = f"C{i}"
+        for seed, x, y in runs:
+            ax.plot(x, y, color=color, lw=0.8, alpha=0.35)
+        shared = sorted(set.intersection(*(set(x.tolist()) for _, x, _ in runs)))
+        seeds = ", ".join(str(seed) for seed, _, _ in runs)
+        if not shared:
+            continue
+        ys = np.array([[dict(zip(x.tolist(), y))[s] for s in shared] for _, x, y in runs])
+        m, sd = ys.mean(0), ys.std(0)
+        ax.plot(shared, m, color=color, lw=2.2, marker=".",
+                label=f"{arm}: mean ± std of {len(runs)} seed{'s' * (len(runs) > 1)} ({seeds})")
+        ax.fill_between(shared, m - sd, m + sd, color=color, alpha=0.15)
+        print(f"{arm}: {metric} {m[-1]:.1f} ± {sd[-1]:.1f} at {shared[-1]:,} env steps "
+              f"(seeds {seeds})")
+    ax.set_xlabel("env steps (after action repeat)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{root.name}" + (f" ({task})" if task else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = Path(out) if out else root / "curves.png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")

@@ -528,6 +528,158 @@ def test_world_model_loss_image_and_reward_log_likelihoods():
 
 
 # ---------------------------------------------------------------------------------------------
+# The other representation objectives (Sec. 4): contrastive estimation, reward prediction alone
+# ---------------------------------------------------------------------------------------------
+
+def test_contrastive_log_likelihood_is_the_papers_batch_infonce():
+    """J_NCE = ln q(s_t | o_t) − ln Σ_{o′} q(s_t | o′), the sum over the batch's observations for
+    each state (the paper's direction), against torch's Normal densities written as an explicit
+    [N, N] table in float64; −ln N exactly when the images tell nothing; → 0 when each state is
+    told apart by its own image; and not the other direction (over states for one image)."""
+    g = torch.Generator().manual_seed(0)
+    N, F = 40, 7
+    s = torch.randn(N, F, generator=g, dtype=torch.float64) * 3 + 5
+    mean = s + 0.3 * torch.randn(N, F, generator=g, dtype=torch.float64)
+    std = 0.01 + torch.rand(N, F, generator=g, dtype=torch.float64) * (1 + torch.arange(F))
+    table = torch.distributions.Normal(mean[None], std[None]).log_prob(s[:, None]).sum(-1)
+    expected = (table.diagonal() - torch.logsumexp(table, 1)).mean()   # [state i, image j]
+    other_way = (table.diagonal() - torch.logsumexp(table, 0)).mean()
+    got = d.contrastive_log_likelihood(s.float().reshape(4, 10, F), mean.float().reshape(4, 10, F),
+                                       std.float().reshape(4, 10, F))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    assert abs(float(other_way - expected)) > 0.1
+    same = d.contrastive_log_likelihood(s.float(), torch.zeros(N, F), torch.ones(N, F))
+    torch.testing.assert_close(same, torch.tensor(-math.log(N)))
+    sharp = d.contrastive_log_likelihood(s.float(), s.float(), torch.full((N, F), 0.01))
+    assert -1e-4 < float(sharp) <= 0
+
+
+def explicit_world_model_terms(wm, batch, cfg):
+    """Eq. 10's reward and KL terms, and the states, recomputed outside world_model_loss."""
+    embed = wm.encoder(d.preprocess(batch["obs"]))
+    s = wm.rssm.observe(embed, batch["action"])
+    feat = torch.cat([s["z"], s["h"]], -1)
+    reward_ll = (-0.5 * (wm.reward(feat) - batch["reward"]) ** 2).mean()
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(s["post_mean"], s["post_std"]),
+                                           torch.distributions.Normal(s["prior_mean"], s["prior_std"]))
+    kl_term = cfg.kl_scale * torch.clamp(kl.sum(-1).mean(), min=cfg.free_nats)
+    return embed, feat, reward_ll, kl_term
+
+
+@pytest.mark.parametrize("representation", ["contrastive", "reward"])
+def test_other_representations_replace_the_image_term_and_keep_reward_and_kl(representation):
+    """--representation contrastive: −J_NCE + β·max(KL, free nats) − J_R, with a state model in
+    the decoder's place; reward: the reward and KL terms alone, and no decoder parameters at all.
+    The gradient of the objective reaches the encoder and the RSSM (and the state model), never
+    the actor or the value model."""
+    cfg = tiny_config(representation=representation, free_nats=0.0, kl_scale=0.7)
+    torch.manual_seed(0)
+    agent = d.Dreamer(cfg, 2)
+    wm = agent.world_model
+    assert wm.decoder is None and not any("decoder" in k for k in wm.state_dict())
+    assert (wm.state_model is not None) == (representation == "contrastive")
+    batch = fake_batch(cfg)
+    torch.manual_seed(1)
+    loss, metrics, _, _ = d.world_model_loss(wm, batch, cfg)
+    torch.manual_seed(1)
+    embed, feat, reward_ll, kl_term = explicit_world_model_terms(wm, batch, cfg)
+    expected = kl_term - reward_ll
+    if representation == "contrastive":
+        mean, std = wm.state_model(embed)
+        nce = d.contrastive_log_likelihood(feat, mean, std)
+        expected = expected - nce
+        torch.testing.assert_close(metrics["model/contrastive_loss"], -nce)
+    assert "model/image_loss" not in metrics
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    for part in ([wm.encoder, wm.rssm, wm.state_model] if representation == "contrastive"
+                 else [wm.rssm]):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    assert all(p.grad is None for p in [*agent.actor.parameters(), *agent.value.parameters()])
+
+
+def test_contrastive_objective_trains_the_encoder_through_the_state_model():
+    """Without its J_NCE term a contrastive world model's encoder gets its gradient only through
+    the posterior; the term adds its own: the encoder's gradient changes when it is dropped."""
+    cfg = tiny_config(representation="contrastive")
+    torch.manual_seed(0)
+    wm = d.WorldModel(cfg, 2)
+    batch = fake_batch(cfg)
+
+    def encoder_grad(scale):
+        wm.zero_grad()
+        torch.manual_seed(1)
+        embed = wm.encoder(d.preprocess(batch["obs"]))
+        s = wm.rssm.observe(embed, batch["action"])
+        feat = torch.cat([s["z"], s["h"]], -1)
+        nce = d.contrastive_log_likelihood(feat, *wm.state_model(embed))
+        (-scale * nce - wm.reward(feat).mean()).backward()
+        return torch.cat([p.grad.flatten() for p in wm.encoder.parameters()])
+
+    assert (encoder_grad(1.0) - encoder_grad(0.0)).abs().max() > 1e-6
+
+
+def test_the_default_representation_and_value_estimate_are_the_papers():
+    cfg = d.Config()
+    assert (cfg.representation, cfg.value_estimate, cfg.nstep_k) == ("reconstruction", "lambda", 0)
+    wm = d.WorldModel(tiny_config(), 2)
+    assert wm.decoder is not None and wm.state_model is None
+    for overrides, message in [({"representation": "pixels"}, "--representation must be one of"),
+                               ({"value_estimate": "td"}, "--value_estimate must be lambda, nstep"),
+                               ({"nstep_k": 3}, "--nstep_k is k of --value_estimate nstep"),
+                               ({"value_estimate": "nstep", "nstep_k": -1}, "--nstep_k must be")]:
+        with pytest.raises(d.UserError, match=message):
+            d.validate(d.Config(**overrides))
+
+
+def test_no_decoder_means_no_pictures_in_one_clear_line(tmp_path, capsys):
+    """open_loop and prediction_error refuse a world model without a decoder, and plot.py says
+    why in one line before it plays any episode."""
+    cfg = tiny_config(representation="contrastive")
+    torch.manual_seed(0)
+    agent = d.Dreamer(cfg, 1)
+    episode = {"obs": np.zeros((60, 3, 64, 64), np.uint8), "action": np.zeros((60, 1), np.float32),
+               "reward": np.zeros(60, np.float32)}
+    for call in (lambda: d.open_loop(agent.world_model, episode),
+                 lambda: d.prediction_error(agent.world_model, [episode])):
+        with pytest.raises(d.UserError, match="no decoder to draw.*--representation contrastive"):
+            call()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "cartpole_balance",
+                                                 **dataclasses.asdict(cfg)}))
+    state = {name: m.state_dict() for name, m in agent.modules().items()}
+    torch.save({**state, "counters": {"updates": 0}, "last": {"eval/return": 0.0}},
+               run / "checkpoint.pt")
+    proc = subprocess.run([sys.executable, str(HERE / "plot.py"), str(run), "--openloop"],
+                          capture_output=True, text=True, timeout=120, cwd=HERE,
+                          env={**os.environ, "DREAMER_FILE": str(DREAMER_FILE)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("plot.py: error: this world model has")
+
+
+def test_nstep_value_estimate_targets_eq5_with_k_steps(agent_and_start):
+    """--value_estimate nstep: the actor's (and so the value model's) target is V_N^k (Eq. 5) of
+    s_1 … s_{H−1}, written out here with k = 3 and with k = H (0, the default: up to the horizon,
+    bootstrapped from v(s_H))."""
+    agent, z, h = agent_and_start
+    H, g = agent.cfg.horizon, agent.cfg.discount
+    for k in (3, 0):
+        cfg = dataclasses.replace(agent.cfg, value_estimate="nstep", nstep_k=k)
+        torch.manual_seed(5)
+        _, feats, returns, _, _ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h,
+                                               cfg)
+        r, v = agent.world_model.reward(feats), agent.value(feats)       # s_1 … s_H: [H, N]
+        T, k = H - 1, k or H
+        expected = []
+        for tau in range(T):
+            end = min(tau + k, T)
+            expected.append(sum(g ** (n - tau) * r[n] for n in range(tau, end))
+                            + g ** (end - tau) * v[end])
+        torch.testing.assert_close(returns, torch.stack(expected))
+
+
+# ---------------------------------------------------------------------------------------------
 # Where the gradients go (Sec. 3: world model fixed; Eq. 7 through the dynamics; Eq. 8 sg)
 # ---------------------------------------------------------------------------------------------
 
@@ -805,6 +957,73 @@ def test_actor_loss_entropy_bonus_is_off_by_default_and_pulls_a_saturated_actor_
     assert (grad1 > 0).all() and grad1.min() > 100 * grad0.abs().max()  # descent lowers μ
 
 
+def test_return_scale_is_an_ema_of_the_5_to_95_percentile_range_floored_at_one():
+    """--return_norm percentile (DreamerV3, not in the paper): S ← 0.99·S + 0.01·(Per(R, 95) −
+    Per(R, 5)) from S = 0, and the divisor is max(1, S); checked against numpy's percentiles."""
+    norm = d.ReturnScale()
+    g = np.random.default_rng(0)
+    S = 0.0
+    for k, spread in enumerate([0.5, 300.0, 300.0, 2.0, 1e4]):
+        returns = g.normal(5.0, spread, size=(14, 24)).astype(np.float32)
+        got = norm(torch.from_numpy(returns))
+        S = 0.99 * S + 0.01 * (np.percentile(returns, 95) - np.percentile(returns, 5))
+        np.testing.assert_allclose(float(norm.scale), S, rtol=1e-5)
+        np.testing.assert_allclose(float(got), max(1.0, S), rtol=1e-5)
+        assert (float(got) == 1.0) == (S <= 1.0)          # small returns are never scaled up
+    assert d.Config().return_norm == "none" and d.RETURN_NORMS["none"]() is None
+
+
+def test_actor_loss_with_return_scale_divides_the_return_term_not_the_entropy(agent_and_start):
+    """With a ReturnScale the actor loss is −mean(w·V_λ) / max(1, S) − η·H: the same imagined
+    trajectory (same noise) as without, its return term and gradient divided by the updated
+    max(1, S), the entropy bonus not; S is logged as actor/return_scale."""
+    agent, z, h = agent_and_start
+    params = list(agent.actor.parameters())
+
+    def loss_and_grads(eta, return_scale):
+        cfg = dataclasses.replace(agent.cfg, actor_entropy=eta)
+        torch.manual_seed(3)
+        loss, _, returns, _, metrics = d.actor_loss(agent.world_model, agent.actor, agent.value,
+                                                    z, h, cfg, return_scale)
+        return loss, torch.autograd.grad(loss, params), returns, metrics
+
+    plain, plain_grads, returns, metrics = loss_and_grads(1e-2, None)
+    assert "actor/return_scale" not in metrics
+    norm = d.ReturnScale()
+    norm.scale.fill_(400.0)                                # an S well above the floor
+    scaled, _, _, metrics = loss_and_grads(1e-2, norm)
+    q = np.percentile(returns.detach().numpy(), [5, 95])
+    S = 0.99 * 400.0 + 0.01 * (q[1] - q[0])
+    torch.testing.assert_close(metrics["actor/return_scale"], torch.tensor(S, dtype=torch.float32))
+    entropy = metrics["actor/entropy"]
+    torch.testing.assert_close(scaled, (plain + 1e-2 * entropy) / S - 1e-2 * entropy)
+    _, grads, _, _ = loss_and_grads(0.0, None)
+    norm.scale.fill_(400.0)
+    _, scaled_grads, _, _ = loss_and_grads(0.0, norm)
+    for a, b in zip(scaled_grads, grads):
+        torch.testing.assert_close(a, b / S, rtol=1e-4, atol=1e-9)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(plain_grads, grads))  # η mattered
+
+
+def test_return_norm_run_checkpoints_its_scale_resumes_it_and_exports(tmp_path):
+    """A tiny run with --return_norm percentile: S is in the checkpoint and grows on from the
+    saved value after a resume (a fresh S restarts from 0); the exported agent loads."""
+    logdir = tmp_path / "run"
+    args = [*E2E, "--return_norm", "percentile", "--actor_entropy", "3e-4", "--logdir",
+            str(logdir)]
+    assert run_cli(*args, "--steps", "600").returncode == 0
+    saved = float(torch.load(logdir / "checkpoint.pt", weights_only=False)["return_scale"]["scale"])
+    before = [m["actor/return_scale"] for m in read_metrics(logdir) if "actor/return_scale" in m]
+    assert saved > 0 and len(before) == 2 and before[1] > before[0]
+    proc = run_cli(*args, "--steps", "800")
+    assert proc.returncode == 0, proc.stderr
+    after = [m["actor/return_scale"] for m in read_metrics(logdir) if "actor/return_scale" in m]
+    assert len(after) == 3 and after[2] > 0.95 * saved   # 5 fresh updates: S ≈ 0.05 · range
+    d.export_agent(logdir, tmp_path / "agent")
+    _, cfg, agent, _ = d.load_agent(tmp_path / "agent")
+    assert cfg.return_norm == "percentile" and float(agent.return_scale.scale) > 0
+
+
 def test_gradients_are_clipped_and_do_not_accumulate(agent_and_start):
     agent, z, h = agent_and_start
     agent.cfg = dataclasses.replace(agent.cfg, grad_clip=1e-3)
@@ -1077,7 +1296,7 @@ BAD_ARGS = [
     (["--preset", "huge"], "unknown preset"),
     (["--batch_size", "many"], "invalid int value"),
     (["--lam", "1.5"], "must be ≤ 1"),
-    (["--value_estimate", "magic"], "must be lambda or reward"),
+    (["--value_estimate", "magic"], "must be lambda, nstep or reward"),
     (["--precision", "fp8"], "must be fp32 or bf16"),
     (["--shadow_size", "100000"], "--shadow_size must be at most 8192"),
     (["--seed", str(2 ** 32 - 1)], "--seed must be in"),
@@ -1364,8 +1583,48 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sig, tmp_path):
     assert proc.returncode == 128 + sig, err          # 130 for Ctrl-C, 143 for SIGTERM
     assert "Traceback" not in err and "checkpoint saved" in err
     assert (logdir / "checkpoint.pt").exists()
-    resumed = run_cli(*E2E, "--steps", "800", "--logdir", str(logdir))
+    reached = max(m["step"] for m in read_metrics(logdir))      # (a busy machine runs further)
+    resumed = run_cli(*E2E, "--steps", str(reached + 400), "--logdir", str(logdir))
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+
+
+def test_an_ablation_trains_its_arms_side_by_side_and_plot_draws_them(tmp_path):
+    """--ablation value: one run per arm (V_λ, V_R) in ROOT/ARM-sSEED with the other flags
+    unchanged, output lines tagged with the arm; plot.py ROOT draws both arms in one figure."""
+    root = tmp_path / "ablation"
+    proc = run_cli(*E2E, "--steps", "600", "--ablation", "value", "--logdir", str(root))
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    for arm in ("lambda", "reward"):
+        config = json.loads((root / f"{arm}-s3" / "config.json").read_text())
+        assert (config["value_estimate"], config["time_limit"], config["seed"]) == (arm, 200, 3)
+        assert any(line.startswith(f"[{arm}] step      600") for line in proc.stdout.splitlines())
+        assert "eval/return" in read_metrics(root / f"{arm}-s3")[-1]
+    drawn = subprocess.run([sys.executable, str(HERE / "plot.py"), str(root)],
+                           capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert drawn.returncode == 0, drawn.stderr
+    assert (root / "curves.png").exists()
+    assert re.search(r"^lambda: eval/return .* at 600 env steps \(seeds 3\)$", drawn.stdout, re.M)
+    assert re.search(r"^reward: eval/return", drawn.stdout, re.M)
+
+
+def test_ctrl_c_reaches_every_arm_of_an_ablation_and_each_saves_its_checkpoint(tmp_path):
+    root = tmp_path / "ablation"
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    proc = subprocess.Popen([sys.executable, str(DREAMER_FILE), *E2E, "--steps", "100000",
+                             "--ablation", "representation", "--logdir", str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=HERE)
+    arms = ("reconstruction", "contrastive", "reward")
+    deadline = time.time() + 180
+    while time.time() < deadline and not all(
+            (root / f"{arm}-s3" / "episodes" / "000001.npz").exists() for arm in arms):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    for arm in arms:
+        assert (root / f"{arm}-s3" / "checkpoint.pt").exists()
+        assert f"[{arm}] " in out and f"{arm}: exit status 130" in out
 
 
 def test_episodes_without_checkpoint_train_fresh_models_on_schedule(trained, tmp_path):
