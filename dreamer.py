@@ -118,9 +118,14 @@ class Config:
     reward_layers: int = _f(2, "hidden layers of the reward model q(r_t | s_t) [official code]")
     value_layers: int = _f(3, "hidden layers of the value model v_ψ(s_τ) [official code]")
     actor_layers: int = _f(4, "hidden layers of the actor q_φ(a_τ | s_τ) [official code]")
+    discount_scale: float = _f(0.0, "weight of the discount predictor q(γ_t | s_t) (paper "
+                                    "appendix) beside Eq. 10's terms; 0: none, for tasks that "
+                                    "never end early (DMC) [official code: 10 for Atari]")
     # World-model loss (Eq. 10) and optimisation.
     free_nats: float = _f(3.0, "free nats: KL term is max(mean KL, free_nats) [official code]")
     kl_scale: float = _f(1.0, "β: weight of the KL term J_D in Eq. 10")
+    reward_transform: str = _f("none", "none, or tanh: the world model learns tanh(r_t) "
+                                       "(paper appendix, Atari: rewards bounded with tanh)")
     representation: str = _f("reconstruction", "the world model's observation term (Sec. 4): "
                                                "reconstruction (J_O, Eq. 10), contrastive "
                                                "(J_NCE) or reward (none: reward and KL only)")
@@ -149,6 +154,10 @@ class Config:
     return_norm: str = _f("none", "none (paper), or percentile: the actor's returns ÷ max(1, S), "
                                   "S their 5th–95th percentile range (DreamerV3; not in paper)")
     expl_noise: float = _f(0.3, "std of Gaussian noise added to actions while collecting (paper)")
+    epsilon_start: float = _f(0.4, "discrete actions: ε-greedy exploration, ε from this … "
+                                   "(paper appendix, Atari)")
+    epsilon_end: float = _f(0.1, "… to this, linearly over the first epsilon_updates updates")
+    epsilon_updates: int = _f(200_000, "updates over which ε falls (paper appendix, Atari)")
     # Evaluation, checkpoints, seeding.
     eval_every: int = _f(10_000, "env steps between evaluations (10k, 20k, …; official: 10k apart)")
     eval_episodes: int = _f(1, "episodes per evaluation, policy mode, no noise [official code]")
@@ -174,6 +183,14 @@ PRESETS = {
     # rates and all loss terms are the paper's. README: "Presets and flags".
     "cpu": dict(steps=100_000, train_steps=45, batch_size=8, cnn_depth=16, units=200,
                 shadow_size=256, eval_episodes=5),
+    # The paper's discrete-action settings (appendix "Atari and DeepMind Lab"): H = 10, β = 0.1,
+    # rewards bounded with tanh, ε-greedy (the epsilon_* defaults), a one-hot actor; and
+    # [official code] a discount predictor with weight 10, action repeat 4, episodes capped at
+    # 108,000 frames. For atari_ tasks these are the base under any preset (tiny, cpu), and
+    # --preset atari is the paper's sizes on them. README: "Discrete actions and early episode
+    # ends".
+    "atari": dict(horizon=10, kl_scale=0.1, reward_transform="tanh", actor_dist="onehot",
+                  discount_scale=10.0, action_repeat=4, time_limit=108_000),
 }
 # Environment seeds: training uses seed, the run's evaluations seed + EVAL_SEED_OFFSET and
 # --evaluate seed + REEVAL_SEED_OFFSET, so that the three streams of initial states never meet.
@@ -188,7 +205,7 @@ def validate(cfg):
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if f.name in ("precision", "value_estimate", "actor_dist", "return_norm",
-                      "representation"):
+                      "representation", "reward_transform"):
             continue
         if not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
@@ -196,7 +213,8 @@ def validate(cfg):
             if not 0 <= v < 2 ** 32 - REEVAL_SEED_OFFSET:   # room for the eval seeds
                 raise UserError(f"--seed must be in [0, 2³² − {REEVAL_SEED_OFFSET:,}), got {v}")
             continue
-        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_entropy", "nstep_k"):
+        if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_entropy", "nstep_k",
+                      "discount_scale", "epsilon_start", "epsilon_end"):
             if v < 0:
                 raise UserError(f"--{f.name} must be ≥ 0, got {v}")
         elif v <= 0:
@@ -204,6 +222,13 @@ def validate(cfg):
     if cfg.value_estimate not in ("lambda", "nstep", "reward"):
         raise UserError(f"--value_estimate must be lambda, nstep or reward, got "
                         f"{cfg.value_estimate!r}")
+    if cfg.discount_scale > 0 and cfg.value_estimate == "reward":
+        raise UserError("--value_estimate reward (V_R, Eq. 4) sums rewards without discounts, "
+                        "past a predicted episode end; it does not go with a discount predictor "
+                        "(--discount_scale > 0, as on Atari)")
+    if cfg.discount_scale > 0 and cfg.batch_length < 2:
+        raise UserError("--batch_length must be ≥ 2 with a discount predictor: a chunk's last "
+                        "state is no imagination start")
     if cfg.nstep_k and cfg.value_estimate != "nstep":
         raise UserError(f"--nstep_k is k of --value_estimate nstep; with "
                         f"--value_estimate {cfg.value_estimate} it would do nothing")
@@ -221,6 +246,11 @@ def validate(cfg):
                 raise UserError(f"--{name} shapes the tanh_normal actor only; the trunc_normal "
                                 f"actor has DreamerV2's fixed bounds (μ in (−1, 1), σ in "
                                 f"(0.1, 2.1))")
+    if cfg.reward_transform not in ("none", "tanh"):
+        raise UserError(f"--reward_transform must be none or tanh, got {cfg.reward_transform!r}")
+    if cfg.epsilon_start > 1 or cfg.epsilon_end > 1:
+        raise UserError(f"--epsilon_start and --epsilon_end are probabilities, ≤ 1; got "
+                        f"{cfg.epsilon_start} and {cfg.epsilon_end}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.shadow_size > 8192:
@@ -242,6 +272,37 @@ def validate(cfg):
                         f"({cfg.time_limit // cfg.action_repeat + 1} rows)")
 
 
+# Flags that shape only the continuous (DMC) agent: refused for Atari, where they do nothing.
+CONTINUOUS_ONLY = ("shadow_size", "expl_noise", "actor_mean_scale", "actor_init_std",
+                   "actor_min_std")
+
+
+def check_task_config(cfg, task, given=()):
+    """The checks that need the task's kind: Atari's one-hot actor (without an entropy bonus)
+    and no DMC-only flag for Atari, no discrete actor or ε flag for DMC. given: the flags the
+    user typed (parse_args; the Trainer checks the config alone). Raises UserError."""
+    if is_atari(task):
+        if cfg.actor_dist != "onehot":
+            raise UserError(f"{task} has discrete actions: the actor must be onehot, not "
+                            f"--actor_dist {cfg.actor_dist}")
+        if cfg.actor_entropy:
+            # E_k[∇ −ln p_k] = 0: the one-sample entropy estimate gives no gradient here.
+            raise UserError("--actor_entropy is not for the one-hot actor: the paper's discrete "
+                            "actor has no entropy bonus, and ours would pass no gradient")
+        wrong = [g for g in given if g[2:] in CONTINUOUS_ONLY]
+        if wrong:
+            raise UserError(f"{wrong[0]} shapes continuous actions (DMC) and does nothing for "
+                            f"{task}; drop it")
+    else:
+        if cfg.actor_dist == "onehot":
+            raise UserError(f"--actor_dist onehot is for discrete actions (atari_ tasks); {task} "
+                            f"has continuous ones")
+        wrong = [g for g in given if g.startswith("--epsilon_")]
+        if wrong:
+            raise UserError(f"{wrong[0]} is ε-greedy exploration for discrete actions (atari_ "
+                            f"tasks); {task} explores with --expl_noise")
+
+
 def check_task_fits(cfg, task, max_env_steps):
     """The checks of `validate` that need the task's own episode length (env steps, at most
     time_limit): a batch must fit in an episode, R must divide it, and --steps must reach past
@@ -254,7 +315,7 @@ def check_task_fits(cfg, task, max_env_steps):
         raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode of "
                         f"{task} ({rows} rows: the task ends after {max_env_steps} env steps)")
     seeding = cfg.seed_episodes * max_env_steps
-    if cfg.steps <= seeding:
+    if cfg.steps <= seeding and not is_atari(task):   # (Atari episodes end early: unknown)
         raise UserError(f"--steps {cfg.steps} ends with the random seed episodes (S = "
                         f"{cfg.seed_episodes}, {seeding} env steps), before the first update; raise "
                         f"--steps above {seeding} or lower --seed_episodes")
@@ -481,6 +542,21 @@ class RewardModel(nn.Module):
         return self.net(feat).squeeze(-1)               # [...] mean reward
 
 
+class DiscountModel(nn.Module):
+    """The discount predictor q(γ_t | s_t) for tasks that can end early (paper appendix, "Atari
+    and DeepMind Lab": "a binary classifier that is trained towards the soft labels of 0 and
+    γ"): a Bernoulli whose mean is the probability-weighted discount of continuing after s_t.
+    [official code] 3 × 400 ELU → 1 logit, loss weight --discount_scale (10), and only for
+    tasks that can end early (Atari); on DMC there is none and γ is a constant."""
+
+    def __init__(self, cfg, feat_size):
+        super().__init__()
+        self.net = mlp(feat_size, cfg.units, 3, 1)
+
+    def forward(self, feat):
+        return self.net(feat).squeeze(-1)               # [...] logit; the mean is its sigmoid
+
+
 # The world model's observation term (Sec. 4), by --representation: reconstruction (the paper's
 # Dreamer, Eq. 10), contrastive estimation, or reward prediction alone (world_model_loss).
 REPRESENTATIONS = ("reconstruction", "contrastive", "reward")
@@ -489,7 +565,8 @@ REPRESENTATIONS = ("reconstruction", "contrastive", "reward")
 class WorldModel(nn.Module):
     """θ: encoder, RSSM, decoder and reward model, trained together by Eq. 10. With
     --representation contrastive a state model q(s_t | o_t) replaces the decoder; with reward
-    there is neither (decoder and state_model are None when absent)."""
+    there is neither (decoder and state_model are None when absent). A discount predictor
+    (discount) is there only for tasks that can end early (Atari)."""
 
     def __init__(self, cfg, action_dim):
         super().__init__()
@@ -497,11 +574,14 @@ class WorldModel(nn.Module):
         self.rssm = RSSM(cfg, action_dim, self.encoder.embed_size)
         self.feat_size = cfg.stoch_size + cfg.deter_size   # s_t = cat(z_t, h_t)
         self.representation, self.decoder, self.state_model = cfg.representation, None, None
+        self.reward_transform = cfg.reward_transform        # what the reward model predicts
         if cfg.representation == "reconstruction":
             self.decoder = Decoder(cfg.cnn_depth, self.feat_size, cfg.precision)
         elif cfg.representation == "contrastive":
             self.state_model = StateModel(cfg, self.encoder.embed_size, self.feat_size)
         self.reward = RewardModel(cfg, self.feat_size)
+        # q(γ_t | s_t), only where episodes can end early (--discount_scale > 0: Atari)
+        self.discount = DiscountModel(cfg, self.feat_size) if cfg.discount_scale > 0 else None
         init_like_keras(self)
 
 
@@ -531,10 +611,17 @@ class Actor(nn.Module):
         std = F.softplus(std + self.raw_init_std) + self.min_std
         return mean, std
 
+    discrete = False
+
     @staticmethod
     def mode(mean):
         """The action forward(sample=False) returns, from dist_params' mean: tanh(μ)."""
         return torch.tanh(mean)
+
+    @staticmethod
+    def explore(action, cfg, updates):
+        """(paper Sec. 6) Exploration while collecting: a ← clip(a + N(0, 0.3), −1, 1)."""
+        return torch.clamp(action + cfg.expl_noise * torch.randn_like(action), -1, 1)
 
     def forward(self, feat, sample=True):
         """Return (action, log q_φ(action | s)); sample=False gives tanh(μ), the deterministic
@@ -608,8 +695,71 @@ class TruncatedNormalActor(Actor):
         return -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi) - torch.log(std * mass)
 
 
-# The actor's distribution, by --actor_dist: the paper's, and a successor's (not in the paper).
-ACTORS = {"tanh_normal": Actor, "trunc_normal": TruncatedNormalActor}
+def epsilon(cfg, updates):
+    """(paper appendix, Atari) ε of ε-greedy exploration after `updates` gradient updates:
+    linear from epsilon_start (0.4) to epsilon_end (0.1) over epsilon_updates (200,000), then
+    constant. Counted in updates, which the checkpoint keeps, so a resumed run goes on."""
+    fraction = min(1.0, updates / cfg.epsilon_updates)
+    return cfg.epsilon_start + fraction * (cfg.epsilon_end - cfg.epsilon_start)
+
+
+class OneHotActor(nn.Module):
+    """Discrete actions (Sec. 3, and appendix "Atari and DeepMind Lab": "the action model
+    predicts the logits of a categorical distribution"), chosen by --actor_dist onehot, the
+    Atari default. 4 × 400 ELU → A logits, A = the game's minimal action set. a_τ is a one-hot
+    vector [A], sampled with straight-through gradients "for the sampling step during latent
+    imagination": forward the one-hot sample, backward through the probabilities,
+
+        a = onehot(k) + (p − sg(p)),   k ~ Categorical(p),   p = softmax(logits),
+
+    so ∂a/∂logits = ∂p/∂logits and Eq. 7 reaches φ through the imagined dynamics as for
+    continuous actions. Evaluation takes the most likely action; exploration is ε-greedy."""
+
+    discrete = True
+
+    def __init__(self, cfg, action_dim):
+        super().__init__()
+        self.net = mlp(cfg.stoch_size + cfg.deter_size, cfg.units, cfg.actor_layers, action_dim)
+        init_like_keras(self)
+
+    def dist_params(self, feat):
+        """feat [..., F] → (logits [..., A], None)."""
+        return self.net(feat), None
+
+    @staticmethod
+    def mode(logits):
+        """The most likely action, one-hot [..., A]."""
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+
+    def forward(self, feat, sample=True):
+        """Return (action one-hot [..., A], ln q_φ(action | s) [...]); sample=False gives the
+        mode. The sample carries the straight-through gradient; its log-probability does not
+        depend on it (the one-hot is detached there)."""
+        logits = self.net(feat)
+        if sample:
+            probs = torch.softmax(logits, -1)                                   # p: [..., A]
+            index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1)    # k: [N, 1]
+            onehot = F.one_hot(index.reshape(probs.shape[:-1]), probs.shape[-1]).to(probs.dtype)
+            # (p − sg(p)) is exactly 0 in value, so the forward action is exactly one-hot
+            action = onehot + (probs - probs.detach())                          # straight through
+        else:
+            action = self.mode(logits)
+        log_prob = (action.detach() * torch.log_softmax(logits, -1)).sum(-1)
+        return action, log_prob
+
+    @staticmethod
+    def explore(action, cfg, updates):
+        """ε-greedy (paper appendix): with probability ε = epsilon(cfg, updates) each row's
+        action is replaced by one drawn uniformly from all A actions. action: one-hot [N, A]."""
+        N, A = action.shape
+        random = F.one_hot(torch.randint(A, (N,), device=action.device), A).to(action.dtype)
+        replace = torch.rand(N, 1, device=action.device) < epsilon(cfg, updates)
+        return torch.where(replace, random, action)
+
+
+# The actor's distribution, by --actor_dist: the paper's, a successor's (not in the paper), and
+# the paper's discrete actor (Atari).
+ACTORS = {"tanh_normal": Actor, "trunc_normal": TruncatedNormalActor, "onehot": OneHotActor}
 
 
 class ReturnScale(nn.Module):
@@ -768,7 +918,10 @@ def world_model_loss(wm, batch, cfg):
     holds 0-d tensors model/loss, model/image_loss (−J_O), model/reward_loss (−J_R), model/kl
     (the mean KL before free nats), model/prior_entropy and model/post_entropy.
     Sec. 4, the other representations (cfg.representation): contrastive replaces J_O by J_NCE
-    (metric model/contrastive_loss, −J_NCE), reward drops it; J_R and J_D stay in both."""
+    (metric model/contrastive_loss, −J_NCE), reward drops it; J_R and J_D stay in both.
+    With a discount predictor (tasks that end early) −discount_scale·J_γ is added, J_γ the
+    Bernoulli log-likelihood of the soft labels γ·(1 − terminal_t) (batch["terminal"] [B, L],
+    true where o_t ended the episode; metric model/discount_loss, −J_γ)."""
     # EXERCISE world_model_loss: encode, rssm.observe, decode; β·max(KL, free nats) − J_O − J_R
     obs = preprocess(batch["obs"])                                  # [B, L, 3, 64, 64]
     embed = wm.encoder(obs)                                         # [B, L, E]
@@ -795,6 +948,13 @@ def world_model_loss(wm, batch, cfg):
     kl = kl.sum(-1).mean()
     kl_loss = torch.clamp(kl, min=cfg.free_nats)
     loss = cfg.kl_scale * kl_loss - obs_ll - reward_ll              # −J_REC
+    if wm.discount is not None:
+        # J_γ = ln q(γ_t | s_t) with the soft label γ·(1 − terminal_t) (paper appendix) as a
+        # binary cross-entropy on the logit, averaged over B and L; weight discount_scale.
+        label = cfg.discount * (1 - batch["terminal"].float())         # [B, L]
+        discount_ll = -F.binary_cross_entropy_with_logits(wm.discount(feat), label)
+        loss = loss - cfg.discount_scale * discount_ll
+        obs_metric["model/discount_loss"] = -discount_ll
     prior_ent = (torch.log(s["prior_std"]) + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
     post_ent = (torch.log(s["post_std"]) + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
     metrics = {"model/loss": loss, **obs_metric, "model/reward_loss": -reward_ll, "model/kl": kl,
@@ -836,7 +996,10 @@ def actor_loss(wm, actor, value_model, z, h, cfg, return_scale=None):
     feats, log_probs = imagine(wm, actor, z, h, cfg.horizon)
     reward = wm.reward(feats)                                        # mean r(s_τ): [H, N]
     value = value_model(feats)                                       # v_ψ(s_τ):    [H, N]
-    discount = cfg.discount * torch.ones_like(reward)                # γ (no early ends on DMC)
+    if wm.discount is None:
+        discount = cfg.discount * torch.ones_like(reward)            # γ (no early ends on DMC)
+    else:   # (paper appendix) the predicted discount of continuing after s_τ, in [0, γ]
+        discount = torch.sigmoid(wm.discount(feats))                 # [H, N]
     if cfg.value_estimate == "reward":                               # (Eq. 4), an ablation
         returns = reward_sum(reward)[:-1]                            # [H−1, N]
     elif cfg.value_estimate == "nstep":                              # (Eq. 5), k = nstep_k or H
@@ -917,6 +1080,8 @@ class Dreamer:
     def update_world_model(self, batch, step=True):
         """Algorithm 1, dynamics learning: gradients of Eq. 10, and (if step) one Adam step.
         → posterior states z [B, L, Z], h [B, L, D] (detached) and metrics."""
+        if self.cfg.reward_transform == "tanh":   # (paper appendix, Atari) bounded rewards
+            batch = {**batch, "reward": torch.tanh(batch["reward"])}
         loss, metrics, z, h = world_model_loss(self.world_model, batch, self.cfg)
         self._backward(loss, self.model_opt)
         if step:
@@ -926,13 +1091,18 @@ class Dreamer:
     def update_actor(self, z, h):
         """Algorithm 1, behaviour learning (actor): one Adam step on Eq. 7 from every posterior
         state, N = B·L starts. World model and value model stay fixed."""
+        if self.world_model.discount is not None:
+            # [official code] the last posterior state of each chunk is no start: it may be
+            # the terminal one, after which nothing should be imagined.
+            z, h = z[:, :-1], h[:, :-1]                               # [B, L−1, ·]
         with frozen(self.world_model, self.value):
             loss, feats, returns, weights, metrics = actor_loss(
                 self.world_model, self.actor, self.value, z, h, self.cfg, self.return_scale)
-            with torch.no_grad():   # is the actor stuck? (Trainer.watch_actor)
+            with torch.no_grad():   # is the actor stuck? (Trainer.watch_actor; continuous)
                 mean, _ = self.actor.dist_params(torch.cat([z, h], -1))     # starts: [B, L, A]
-                metrics["actor/mean_abs"] = mean.abs().mean()   # |μ| (tanh_normal: pre-tanh)
-                metrics["actor/saturation"] = action_saturation(self.actor.mode(mean))
+                if not self.actor.discrete:
+                    metrics["actor/mean_abs"] = mean.abs().mean()   # |μ| (tanh_normal: pre-tanh)
+                    metrics["actor/saturation"] = action_saturation(self.actor.mode(mean))
             metrics["actor/grad_norm"] = self._step(loss, self.actor, self.actor_opt)
         return feats.detach(), returns.detach(), weights, metrics
 
@@ -955,9 +1125,10 @@ class Dreamer:
         return {k: v.detach() for k, v in metrics.items()}
 
     @torch.no_grad()
-    def act(self, obs, state, explore):
+    def act(self, obs, state, explore, updates=0):
         """Algorithm 1, environment interaction: compute s_t ~ p(s_t | s_{t−1}, a_{t−1}, o_t)
-        from the new image, then a_t ~ q_φ(a_t | s_t) (+ exploration noise when exploring).
+        from the new image, then a_t ~ q_φ(a_t | s_t) (+ exploration when exploring: the
+        actor's explore, Gaussian noise or ε-greedy after `updates` updates).
         obs uint8 [3, 64, 64]; state = (z, h, previous action) or None at an episode start."""
         wm = self.world_model
         if state is None:
@@ -969,8 +1140,8 @@ class Dreamer:
         mean, std = wm.rssm.posterior(h, embed)
         z = mean + std * torch.randn_like(std)
         action, _ = self.actor(torch.cat([z, h], -1), sample=explore)
-        if explore:   # (paper Sec. 6) a ← clip(a + N(0, 0.3), −1, 1)
-            action = torch.clamp(action + self.cfg.expl_noise * torch.randn_like(action), -1, 1)
+        if explore:
+            action = self.actor.explore(action, self.cfg, updates)
         return action[0].cpu().numpy(), (z, h, action)
 
     def modules(self):
@@ -1012,8 +1183,10 @@ def save_atomically(path, write):
 
 class ReplayBuffer:
     """The dataset D of Algorithm 1. An episode is a dict of arrays with one row per time step,
-    row t = (a_{t−1}, r_t, o_t); row 0 has a zero action and zero reward:
-        obs uint8 [T+1, 3, 64, 64], action float32 [T+1, A], reward float32 [T+1].
+    row t = (a_{t−1}, r_t, o_t, whether o_t is terminal); row 0 has a zero action and reward:
+        obs uint8 [T+1, 3, 64, 64], action float32 [T+1, A], reward float32 [T+1],
+        terminal bool [T+1] (true only on the last row of an episode that really ended, a game
+        over or a lost life; a time limit is no end: the discount predictor learns from it).
     With a directory, each added episode is also written there as NNNNNN.npz (uint8 images)."""
 
     def __init__(self, directory=None, seed=0):
@@ -1039,12 +1212,19 @@ class ReplayBuffer:
             try:
                 with np.load(path) as data:
                     episode = {k: data[k] for k in ("obs", "action", "reward")}
+                    # (files written before `terminal` was stored come from DMC: never terminal)
+                    episode["terminal"] = (data["terminal"] if "terminal" in data.files
+                                           else np.zeros(len(episode["reward"]), bool))
             except Exception as e:
                 raise UserError(f"cannot read episode file {path} ({one_line(e)}); "
                                 f"move it out of the way to resume without it") from None
             self.episodes.append(episode)
             if path.stem.isdigit():
                 self.next_index = max(self.next_index, int(path.stem) + 1)
+
+    def can_sample(self, length):
+        """Whether some episode has the `length` rows that one chunk of sample() needs."""
+        return any(len(e["reward"]) >= length for e in self.episodes)
 
     @property
     def num_steps(self):
@@ -1055,7 +1235,8 @@ class ReplayBuffer:
         """B chunks of L consecutive rows: an episode uniformly at random, then a start uniformly
         at random [official code], both drawn with self.rng (its state is checkpointed, so a
         resumed run samples as an unbroken one). A chunk never crosses an episode boundary.
-        → dict of arrays obs [B, L, 3, 64, 64] (uint8), action [B, L, A], reward [B, L]."""
+        → dict of arrays obs [B, L, 3, 64, 64] (uint8), action [B, L, A], reward [B, L],
+        terminal [B, L]."""
         # EXERCISE replay_sample: B times: an episode with ≥ L rows, a start, both uniform; np.stack
         eligible = [e for e in self.episodes if len(e["reward"]) >= length]
         if not eligible:
@@ -1070,8 +1251,11 @@ class ReplayBuffer:
 
 
 # ============================================================================================
-# Environment: DeepMind Control Suite from pixels
+# Environments: DeepMind Control Suite from pixels; Atari (discrete actions, early ends)
 # ============================================================================================
+# Both have reset() → obs uint8 [3, 64, 64]; step(action) → (obs, reward, done, terminal), where
+# done ends the episode and terminal says it really ended (a time limit is done, not terminal);
+# sample_action() for the random seed episodes; action_dim; max_env_steps; random_state.
 
 TASK_ALIASES = {"cup_catch": ("ball_in_cup", "catch")}   # the paper's name for ball_in_cup_catch
 # DMC domains whose tasks this agent cannot run, with the reason: refused by name, up front.
@@ -1091,8 +1275,10 @@ def all_tasks():
 
 
 def parse_task(name):
-    """'reacher_easy' → ('reacher', 'easy'); 'ball_in_cup_catch' → ('ball_in_cup', 'catch').
-    Raises UserError for a malformed or unknown name."""
+    """'reacher_easy' → ('reacher', 'easy'); 'ball_in_cup_catch' → ('ball_in_cup', 'catch');
+    'atari_pong' → ('atari', 'pong'). Raises UserError for a malformed or unknown name."""
+    if (name or "").startswith("atari_"):
+        return "atari", atari_game(name[len("atari_"):])
     if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)+", name or ""):
         raise UserError(f"malformed task name {name!r}: expected domain_task, "
                         f"e.g. reacher_easy or cheetah_run")
@@ -1105,7 +1291,27 @@ def parse_task(name):
                 raise UserError(f"{name} cannot be run by this agent: "
                                 f"{UNSUPPORTED_DOMAINS[domain]}")
             return domain, task
-    raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(all_tasks())}")
+    raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(all_tasks())}, or "
+                    f"atari_GAME for an Atari game (e.g. atari_pong)")
+
+
+def is_atari(task):
+    return (task or "").startswith("atari_")
+
+
+def atari_game(game):
+    """An ALE game name (snake_case, as ale-py names its ROMs: pong, space_invaders) → itself.
+    Raises UserError when ale-py is missing or does not know the game."""
+    try:
+        from ale_py import roms
+    except ImportError:
+        raise UserError("Atari needs the package ale-py (pip install -r requirements.txt)") \
+            from None
+    games = sorted(roms.get_all_rom_ids())
+    if game not in games:
+        raise UserError(f"unknown Atari game {game!r}; valid: "
+                        f"{', '.join('atari_' + g for g in games)}")
+    return game
 
 
 class DMCEnv:
@@ -1148,8 +1354,15 @@ class DMCEnv:
                                  f"({one_line(e)})") from None
         return self.render()
 
+    can_end_early = False
+
+    def sample_action(self):
+        """A uniformly random action in [−1, 1]^A (the seed episodes), from numpy's global RNG."""
+        return np.random.uniform(-1, 1, self.action_dim)
+
     def step(self, action):
-        """Raises Diverged for a non-finite action (nothing non-finite reaches MuJoCo), and
+        """→ (obs, reward, done, terminal = False: DMC tasks only stop at their time limit).
+        Raises Diverged for a non-finite action (nothing non-finite reaches MuJoCo), and
         SimulatorError, with the episode's env step, when MuJoCo fails."""
         action = np.asarray(action, np.float64)
         if not np.isfinite(action).all():
@@ -1170,18 +1383,101 @@ class DMCEnv:
             done = ts.last() or self.steps >= self.time_limit
             if done:
                 break
-        return self.render(), reward, done
+        return self.render(), reward, done, False
 
     @property
     def random_state(self):
         return self.env.task.random     # the task's numpy RandomState (initial positions, …)
 
 
-def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048):
-    """The public entry point for environments: see DMCEnv. Raises UserError for an unknown
-    task and for a simulator that cannot be set up (e.g. dm_control's ImportError or
-    RuntimeError when no renderer works)."""
+class AtariEnv:
+    """An Atari game from 64×64 RGB pixels, through ale-py's ALEInterface (no gym layer), with
+    [official code] the authors' wrapper settings: sticky actions (the last action repeats with
+    probability 0.25), action repeat R = 4 with the rewards summed and the last two frames
+    max-pooled (sprites flicker), 1–30 random no-ops after each reset, and a lost life ending
+    the episode (life_done; training only here, as in the paper's TF1 code, so evaluation plays
+    every life). Episodes stop after time_limit env steps (frames; 108,000 = ALE's cap), which
+    is no terminal. Actions are one-hot over the game's minimal action set. The game restarts
+    at every reset [official TF2 code], after a lost life too."""
+
+    can_end_early = True
+    noops, sticky = 30, 0.25                                  # [official code]
+
+    def __init__(self, game, action_repeat=4, time_limit=108_000, seed=0, life_done=True):
+        from ale_py import ALEInterface, LoggerMode, roms
+        ALEInterface.setLoggerMode(LoggerMode.Error)
+        self.task, self.life_done = f"atari_{game}", life_done
+        self.ale = ALEInterface()
+        self.ale.setInt("random_seed", seed % 2 ** 31)          # the sticky actions' RNG
+        self.ale.setFloat("repeat_action_probability", self.sticky)
+        self.ale.loadROM(roms.get_rom_path(game))
+        self.actions = list(self.ale.getMinimalActionSet())
+        self.action_dim = len(self.actions)
+        self.action_repeat, self.time_limit = action_repeat, time_limit
+        self.max_env_steps = time_limit
+        self.random = np.random.RandomState(seed)               # the no-ops at reset
+        height, width = self.ale.getScreenDims()
+        self.frames = np.zeros((2, height, width, 3), np.uint8)  # the last two frames
+        self.steps, self.lives = 0, 0
+
+    def sample_action(self):
+        """A uniformly random one-hot action (the seed episodes), from numpy's global RNG."""
+        return np.eye(self.action_dim, dtype=np.float32)[np.random.randint(self.action_dim)]
+
+    def observe(self, frames):
+        """The max over the given frames [n, 210, 160, 3] → uint8 [3, 64, 64], resized by
+        bilinear interpolation with antialiasing (torch; no image library needed)."""
+        image = torch.from_numpy(frames.max(0)).permute(2, 0, 1)[None].float()
+        image = F.interpolate(image, size=(64, 64), mode="bilinear", antialias=True)
+        return image[0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+    def reset(self):
+        self.steps = 0
+        self.ale.reset_game()
+        for _ in range(self.random.randint(1, self.noops + 1)):  # [official code] 1–30 no-ops
+            self.ale.act(self.actions[0])                         # (the minimal set's NOOP)
+            if self.ale.game_over():
+                self.ale.reset_game()
+        self.lives = self.ale.lives()
+        self.ale.getScreenRGB(self.frames[0])
+        return self.observe(self.frames[:1])
+
+    def step(self, action):
+        """action: one-hot [A] (its largest entry is the action taken) → (obs, reward summed
+        over the R frames, done, terminal). Terminal: game over, or with life_done a lost life;
+        the time limit is done but not terminal. Raises Diverged for a non-finite action."""
+        action = np.asarray(action, np.float64)
+        if not np.isfinite(action).all():
+            raise Diverged(f"the policy sent a non-finite action to {self.task} at env step "
+                           f"{self.steps} of an episode")
+        a = self.actions[int(action.argmax())]
+        reward, terminal, seen = 0.0, False, 0
+        for _ in range(self.action_repeat):
+            reward += self.ale.act(a)
+            self.steps += 1
+            self.ale.getScreenRGB(self.frames[seen % 2])
+            seen += 1
+            lost_life = self.life_done and self.ale.lives() < self.lives
+            terminal = self.ale.game_over() or lost_life
+            if terminal or self.steps >= self.time_limit:
+                break
+        done = terminal or self.steps >= self.time_limit
+        return self.observe(self.frames[:min(seen, 2)]), reward, done, terminal
+
+    @property
+    def random_state(self):
+        return self.random
+
+
+def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048, training=True):
+    """The public entry point for environments: DMCEnv, or AtariEnv for atari_GAME (where a
+    lost life ends only training episodes, training=True). Raises UserError for an unknown task
+    and for a simulator that cannot be set up (e.g. dm_control's ImportError or RuntimeError
+    when no renderer works)."""
     try:
+        if is_atari(task):
+            return AtariEnv(parse_task(task)[1], action_repeat=action_repeat,
+                            time_limit=time_limit, seed=seed, life_done=training)
         return DMCEnv(task, action_repeat=action_repeat, time_limit=time_limit, seed=seed,
                       shadow_size=shadow_size)
     except UserError:
@@ -1193,18 +1489,21 @@ def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048):
 def run_episode(env, policy):
     """Play one episode. policy(obs, state) → (action, state). → (episode dict, return)."""
     obs, state = env.reset(), None
-    rows = {"obs": [obs], "action": [np.zeros(env.action_dim, np.float32)], "reward": [0.0]}
+    rows = {"obs": [obs], "action": [np.zeros(env.action_dim, np.float32)], "reward": [0.0],
+            "terminal": [False]}
     done, total = False, 0.0
     while not done:
         action, state = policy(obs, state)
-        obs, reward, done = env.step(action)
+        obs, reward, done, terminal = env.step(action)
         rows["obs"].append(obs)                        # row t: o_t …
         rows["action"].append(np.asarray(action, np.float32))   # … a_{t−1} that led to it …
-        rows["reward"].append(reward)                  # … and r_t received with it
+        rows["reward"].append(reward)                  # … r_t received with it …
+        rows["terminal"].append(terminal)              # … and whether o_t ended the episode
         total += reward
     episode = {"obs": np.stack(rows["obs"]).astype(np.uint8),
                "action": np.stack(rows["action"]).astype(np.float32),
-               "reward": np.asarray(rows["reward"], np.float32)}
+               "reward": np.asarray(rows["reward"], np.float32),
+               "terminal": np.asarray(rows["terminal"], bool)}
     return episode, total
 
 
@@ -1348,6 +1647,7 @@ class Trainer:
         self.cfg, self.task, self.logdir = cfg, task, Path(logdir)
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         self.config_record = {"task": task, **dataclasses.asdict(cfg)}   # what config.json holds
+        check_task_config(cfg, task)
         self.check_logdir()
         seed_everything(cfg.seed)
         self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed,
@@ -1355,7 +1655,8 @@ class Trainer:
         check_task_fits(cfg, task, self.env.max_env_steps)
         # A separate environment for evaluation, so evaluating leaves training's RNG alone.
         self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit,
-                                 seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size)
+                                 seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size,
+                                 training=False)
         self.agent = Dreamer(cfg, self.env.action_dim, device)
         self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed)
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
@@ -1512,20 +1813,26 @@ class Trainer:
         now. → the last one's metrics, or {}."""
         cfg, c, metrics = self.cfg, self.counters, {}
         due_by = steps if due_by is None else due_by
-        while len(self.replay.episodes) >= cfg.seed_episodes and due_by >= c["next_train"]:
+        while not self.seeding() and due_by >= c["next_train"]:
             metrics = self.train_phase()
             self.log(steps, metrics)
             self.watch_actor(metrics)
             c["next_train"] += cfg.train_every
         return metrics
 
+    def seeding(self):
+        """Algorithm 1's seed episodes: S random episodes, and then (episodes that end early,
+        Atari) more until one has the batch_length rows a training chunk needs."""
+        return (len(self.replay.episodes) < self.cfg.seed_episodes
+                or not self.replay.can_sample(self.cfg.batch_length))
+
     def collect(self, env, explore, random_actions=False):
         """Environment interaction: one episode with the policy (or uniform random actions)."""
         def policy(obs, state):
             self.stop.check()
             if random_actions:
-                return np.random.uniform(-1, 1, env.action_dim), None
-            return self.agent.act(obs, state, explore)
+                return env.sample_action(), None
+            return self.agent.act(obs, state, explore, self.counters["updates"])
         return run_episode(env, policy)
 
     def evaluate(self):
@@ -1574,11 +1881,11 @@ class Trainer:
                 if steps >= c["next_eval"]:   # an evaluation cut short by Ctrl-C, now owed
                     self.evaluate_and_log(steps)
                 # Algorithm 1, environment interaction: seed episodes act at random.
-                seeding = len(self.replay.episodes) < cfg.seed_episodes
+                seeding = self.seeding()
                 t_env = time.perf_counter()
                 episode, ret = self.collect(self.env, explore=True, random_actions=seeding)
                 self.replay.add(episode)
-                if seeding and len(self.replay.episodes) == cfg.seed_episodes:
+                if seeding and not self.seeding():
                     c["next_train"] = self.env_steps()   # the first phase follows the seeding
                 new_steps = self.env_steps() - steps
                 steps = self.env_steps()
@@ -1632,6 +1939,8 @@ class Trainer:
     def watch_actor(self, metrics):
         """After each training phase: say once per process, and keep running, when the actor
         looks stuck (actor_stuck). The history starts afresh when a run resumes."""
+        if "actor/saturation" not in metrics:                  # the one-hot actor: no tanh
+            return
         self.actor_history.append((metrics["actor/saturation"], metrics["actor/grad_norm"]))
         if actor_stuck(self.actor_history) and not self.warned_stuck:
             self.warned_stuck = True
@@ -1656,7 +1965,7 @@ class Trainer:
         The ETA extrapolates the pace (training + collection) of the last 5 episodes."""
         (t_old, s_old), (t_new, s_new) = clock[0], clock[-1]
         rate = (s_new - s_old) / max(t_new - t_old, 1e-9)
-        eta = (self.cfg.steps - steps) / max(rate, 1e-9)
+        eta = max(self.cfg.steps - steps, 0) / max(rate, 1e-9)   # (an episode may run past)
         line = (f"step {steps:>8} | ep {len(self.replay.episodes):>4} | "
                 f"train {self.last['train/return']:7.1f} | eval {self.last['eval/return']:7.1f}")
         if train:
@@ -1699,6 +2008,11 @@ def require_decoder(wm):
                         f"--representation {wm.representation}, which learns no images")
 
 
+def model_reward(wm, reward):
+    """Real rewards as the reward model learned them: tanh(r) with --reward_transform tanh."""
+    return torch.tanh(reward) if wm.reward_transform == "tanh" else reward
+
+
 def decode_image(wm, feat):
     """The decoder's mean image (Eq. 1, observation model) as uint8: feat [..., F] →
     [..., 3, 64, 64]. Raises UserError for a world model without a decoder."""
@@ -1714,14 +2028,15 @@ def open_loop(wm, episode, start=0, length=50, context=5):
     cannot yet predict, and behaviour learned in it is learned in a dream that reality does not
     keep. episode: replay dict (obs uint8 [T+1, 3, 64, 64], action [T+1, A], reward [T+1]).
     → dict of numpy arrays over the chunk's L = `length` rows: obs and model (uint8
-    [L, 3, 64, 64]), reward and reward_pred [L]; rows < context are reconstructions."""
+    [L, 3, 64, 64]), reward and reward_pred [L] (both tanh(r) where the model learned tanh(r));
+    rows < context are reconstructions."""
     device = next(wm.parameters()).device
     chunk = {k: torch.as_tensor(np.asarray(v)[start:start + length], device=device)
              for k, v in episode.items()}
     _, feat = filter_and_predict(wm, chunk["obs"][None], chunk["action"][None], context)
     feat = feat[0]                                                      # [L, F]
     return {"obs": chunk["obs"].cpu().numpy(), "model": decode_image(wm, feat).cpu().numpy(),
-            "reward": chunk["reward"].cpu().numpy(),
+            "reward": model_reward(wm, chunk["reward"]).cpu().numpy(),
             "reward_pred": wm.reward(feat).cpu().numpy(), "context": context}
 
 
@@ -1731,9 +2046,10 @@ def prediction_error(wm, episodes, horizon=45, context=5, stride=10):
     steps after the last seen image, beside the error of the filtered states (posterior, image
     seen) at the same steps. Chunks of context + horizon rows start every `stride` rows of each
     episode (replay dicts as in open_loop). Image error: per-pixel MSE of the decoder's mean
-    with pixels in [0, 1]; reward error: mean |r̂_t − r_t|. → dict of numpy [horizon] arrays
-    image_open, image_filtered, reward_open, reward_filtered, and chunks (how many). Random:
-    z_t is sampled; seed torch to repeat it. Raises UserError without a decoder."""
+    with pixels in [0, 1]; reward error: mean |r̂_t − r_t| (of tanh(r) if the model learned
+    it). → dict of numpy [horizon] arrays image_open, image_filtered, reward_open,
+    reward_filtered, and chunks (how many). Random: z_t is sampled; seed torch to repeat it.
+    Raises UserError without a decoder."""
     require_decoder(wm)
     device = next(wm.parameters()).device
     L = context + horizon
@@ -1751,7 +2067,8 @@ def prediction_error(wm, episodes, horizon=45, context=5, stride=10):
         for name, feat in (("open", predicted[:, context:]), ("filtered", filtered[:, context:])):
             image = wm.decoder(feat)                                    # mean, in [−½, ½]
             out[f"image_{name}"].append(((image - real) ** 2).mean((2, 3, 4)))        # [N, H]
-            out[f"reward_{name}"].append((wm.reward(feat) - batch["reward"][:, context:]).abs())
+            real_reward = model_reward(wm, batch["reward"][:, context:])
+            out[f"reward_{name}"].append((wm.reward(feat) - real_reward).abs())
     result = {k: torch.cat(v).mean(0).cpu().numpy() for k, v in out.items()}  # [H] each
     return {**result, "chunks": len(chunks)}
 
@@ -1811,7 +2128,7 @@ def play(task, cfg, agent, episodes):
     stream that neither the run's training (seed) nor its evaluations (seed + 10,000) used;
     torch is seeded alike, because act() samples z_t."""
     env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + REEVAL_SEED_OFFSET,
-                   shadow_size=cfg.shadow_size)
+                   shadow_size=cfg.shadow_size, training=False)
     seed_everything(cfg.seed + REEVAL_SEED_OFFSET)
     for _ in range(episodes):
         episode, ret = run_episode(env, lambda obs, s: agent.act(obs, s, explore=False))
@@ -1966,13 +2283,14 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
     env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed,
                    shadow_size=cfg.shadow_size)
     agent = Dreamer(cfg, env.action_dim, device)
-    rows = cfg.time_limit // cfg.action_repeat + 1
+    rows = min(cfg.time_limit // cfg.action_repeat, 1000) + 1
     rng = np.random.default_rng(cfg.seed)
     replay = ReplayBuffer(seed=cfg.seed)
     for _ in range(2):
         replay.add({"obs": rng.integers(0, 256, (rows, 3, 64, 64), dtype=np.uint8),
                     "action": rng.uniform(-1, 1, (rows, env.action_dim)).astype(np.float32),
-                    "reward": rng.normal(size=rows).astype(np.float32)})
+                    "reward": rng.normal(size=rows).astype(np.float32),
+                    "terminal": np.zeros(rows, bool)})
 
     def sync():
         if agent.device.type == "cuda":
@@ -2013,7 +2331,7 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
     obs, state, t = env.reset(), None, time.perf_counter()
     for _ in range(collect_steps):
         action, state = agent.act(obs, state, explore=True)
-        obs, _, done = env.step(action)
+        obs, _, done, _ = env.step(action)
         if done:
             obs, state = env.reset(), None
     env_steps_per_s = collect_steps * cfg.action_repeat / (time.perf_counter() - t)
@@ -2250,12 +2568,17 @@ def parse_args(argv=None):
     args.preset = "paper" if args.preset is None else args.preset
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
-    values = dict(PRESETS[args.preset])
+    if args.preset == "atari" and not is_atari(args.env):
+        raise UserError(f"--preset atari is for atari_ tasks, not {args.env}")
+    # Atari's settings (the paper's discrete ones) are the base for atari_ tasks, under any preset.
+    values = dict(PRESETS["atari"]) if is_atari(args.env) else {}
+    values.update(PRESETS[args.preset])
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                    if getattr(args, f.name) is not None})
     cfg = Config(**values)
     validate(cfg)
     parse_task(args.env)
+    check_task_config(cfg, args.env, given)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -2316,7 +2639,8 @@ def main(argv=None):
         agent = trainer.agent
         wm = agent.world_model
         counts = {"encoder": wm.encoder, "rssm": wm.rssm, "decoder": wm.decoder,
-                  "state model": wm.state_model, "reward": wm.reward, "world model": wm,
+                  "state model": wm.state_model, "reward": wm.reward,
+                  "discount": wm.discount, "world model": wm,
                   "actor": agent.actor, "value": agent.value}
         print(f"Dreamer on {args.env} | preset {args.preset} | device {args.device} "
               f"({torch.get_num_threads()} threads) | logdir {args.logdir}")

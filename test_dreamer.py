@@ -528,6 +528,218 @@ def test_world_model_loss_image_and_reward_log_likelihoods():
 
 
 # ---------------------------------------------------------------------------------------------
+# Discrete actions and early episode ends (appendix "Atari and DeepMind Lab")
+# ---------------------------------------------------------------------------------------------
+
+def atari_config(**overrides):
+    return tiny_config(**{**d.PRESETS["atari"], "horizon": 5, **overrides})
+
+
+def test_onehot_actor_samples_one_hot_forward_and_passes_gradients_straight_through():
+    """Forward: exactly one-hot, distributed as softmax(logits); backward: the gradient of the
+    probabilities (a = onehot + p − sg(p)); evaluation: the most likely action."""
+    actor = d.OneHotActor(atari_config(), 4)
+    torch.manual_seed(0)
+    feat = torch.randn(5, actor.net[0].in_features)
+    logits = actor.net(feat)
+    action, log_prob = actor(feat)
+    assert set(action.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(action.detach().sum(-1), torch.ones(5))
+    torch.testing.assert_close(log_prob, torch.log_softmax(logits, -1)[action.detach().bool()])
+    w = torch.randn(4)
+    params = list(actor.parameters())
+    got = torch.autograd.grad((action * w).sum(), params)
+    expected = torch.autograd.grad((torch.softmax(actor.net(feat), -1) * w).sum(), params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    mode, _ = actor(feat, sample=False)
+    assert torch.equal(mode.argmax(-1), logits.argmax(-1))
+    torch.manual_seed(1)                              # the samples follow softmax(logits)
+    probs = torch.softmax(logits[:1], -1).detach()
+    counts = sum(actor(feat[:1].expand(2000, -1))[0].detach() for _ in range(5))
+    torch.testing.assert_close(counts.sum(0) / 10000, probs[0], atol=0.02, rtol=0)
+
+
+def test_onehot_actor_learns_from_eq7_through_the_imagined_dynamics():
+    """The actor's logits get a finite, non-zero gradient from Eq. 7 (through the straight-
+    through sample and the imagined transitions; the actor sees detached states)."""
+    cfg = atari_config(discount_scale=0.0)
+    torch.manual_seed(0)
+    agent = d.Dreamer(cfg, 3)
+    z, h = torch.randn(2, 4, cfg.stoch_size), torch.randn(2, 4, cfg.deter_size)
+    loss, *_ = d.actor_loss(agent.world_model, agent.actor, agent.value, z, h, cfg)
+    grads = torch.autograd.grad(loss, list(agent.actor.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert max(g.abs().max() for g in grads) > 1e-6
+
+
+def test_epsilon_greedy_follows_the_papers_schedule_and_picks_uniformly():
+    """ε: 0.4 → 0.1 linearly over 200k updates, then 0.1. With probability ε an action is
+    replaced by one drawn uniformly from all A (so it changes with probability ε·(A−1)/A)."""
+    cfg = atari_config()
+    assert [d.epsilon(cfg, u) for u in (0, 100_000, 200_000, 10 ** 7)] == \
+        pytest.approx([0.4, 0.25, 0.1, 0.1])
+    A, N = 6, 60_000
+    greedy = torch.nn.functional.one_hot(torch.zeros(N, dtype=torch.long), A).float()
+    torch.manual_seed(0)
+    for updates, eps in ((0, 0.4), (200_000, 0.1)):
+        explored = d.OneHotActor.explore(greedy, cfg, updates)
+        assert torch.equal(explored.sum(-1), torch.ones(N))
+        changed = (explored.argmax(-1) != 0).float().mean().item()
+        assert abs(changed - eps * (A - 1) / A) < 0.01
+        others = torch.bincount(explored.argmax(-1), minlength=A)[1:].float()
+        assert (others / others.mean() - 1).abs().max() < 0.1       # uniform among them too
+    zero = dataclasses.replace(cfg, epsilon_start=0.0, epsilon_end=0.0)
+    assert torch.equal(d.OneHotActor.explore(greedy, zero, 0), greedy)
+
+
+def test_discount_predictor_learns_soft_labels_gamma_times_not_terminal():
+    """J_γ: a Bernoulli log-likelihood of the labels γ·(1 − terminal_t), weighted by
+    discount_scale in Eq. 10; a terminal row's label is 0, every other row's γ."""
+    cfg = atari_config()
+    torch.manual_seed(0)
+    wm = d.WorldModel(cfg, 3)
+    batch = fake_batch(cfg, action_dim=3)
+    batch["terminal"] = torch.zeros(3, 6, dtype=torch.bool)
+    batch["terminal"][1, 5] = True
+    torch.manual_seed(1)
+    loss, metrics, z, h = d.world_model_loss(wm, batch, cfg)
+    logit = wm.discount(torch.cat([z, h], -1))
+    label = torch.full((3, 6), cfg.discount)
+    label[1, 5] = 0.0
+    p = torch.sigmoid(logit)
+    expected = -(label * torch.log(p) + (1 - label) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(metrics["model/discount_loss"], expected)
+    without = dataclasses.replace(cfg, discount_scale=0.0)
+    torch.manual_seed(1)
+    loss0, _, _, _ = d.world_model_loss(wm, batch, without)   # same modules, term left out
+    torch.testing.assert_close(loss - loss0, cfg.discount_scale * expected)
+    assert d.WorldModel(tiny_config(), 2).discount is None       # none on DMC
+
+
+def test_predicted_discounts_replace_gamma_in_returns_and_weights_and_end_the_count(agent_and_start):
+    """With a discount predictor, d_τ = sigmoid(logit(s_τ)) replaces γ in Eq. 6 and in the
+    weights (their cumulative product from 1); after a predicted end (d ≈ 0) nothing counts."""
+    _, z, h = agent_and_start
+    cfg = atari_config(horizon=6)
+    torch.manual_seed(0)
+    agent = d.Dreamer(cfg, 3)
+    wm = agent.world_model
+    torch.manual_seed(4)
+    _, feats, returns, weights, _ = d.actor_loss(wm, agent.actor, agent.value, z, h, cfg)
+    r, v, disc = wm.reward(feats), agent.value(feats), torch.sigmoid(wm.discount(feats))
+    H = cfg.horizon
+    # Eq. 6 with per-step discounts, written out: R_τ = r_τ + d_τ((1−λ)v_{τ+1} + λR_{τ+1})
+    R, out = v[-1], []
+    for t in reversed(range(H - 1)):
+        R = r[t] + disc[t] * ((1 - cfg.lam) * v[t + 1] + cfg.lam * R)
+        out.append(R)
+    torch.testing.assert_close(returns, torch.stack(out[::-1]))
+    w = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-2]]), 0)
+    torch.testing.assert_close(weights, w)
+    with torch.no_grad():                                # predict an end after every state
+        wm.discount.net[-1].weight.zero_()
+        wm.discount.net[-1].bias.fill_(-30.0)
+    torch.manual_seed(4)
+    _, feats, returns, weights, _ = d.actor_loss(wm, agent.actor, agent.value, z, h, cfg)
+    torch.testing.assert_close(returns, wm.reward(feats)[:-1], atol=1e-6, rtol=0)
+    assert torch.equal(weights[0], torch.ones_like(weights[0])) and weights[1:].max() < 1e-12
+
+
+def test_atari_lost_life_is_terminal_for_training_and_a_time_out_is_not():
+    """Breakout (5 lives), random actions: a training episode ends at the first lost life, with
+    the last row terminal; an evaluation episode goes on past it; the time limit ends an episode
+    without a terminal."""
+    np.random.seed(0)
+    train = d.make_env("atari_breakout", 4, 108_000, seed=0)
+    episode, _ = d.run_episode(train, lambda obs, state: (train.sample_action(), None))
+    assert episode["terminal"][-1] and not episode["terminal"][:-1].any()
+    assert train.ale.lives() == 4 and not train.ale.game_over()
+    assert episode["obs"].shape[1:] == (3, 64, 64) and episode["action"].shape[1] == 4
+    evaluate = d.make_env("atari_breakout", 4, 108_000, seed=0, training=False)
+    evaluate.reset()
+    for _ in range(2000):                                # until the first life is lost
+        _, _, done, terminal = evaluate.step(evaluate.sample_action())
+        if evaluate.ale.lives() < 5:
+            break
+    assert evaluate.ale.lives() == 4 and not done and not terminal     # evaluation goes on
+    short = d.make_env("atari_breakout", 4, 40, seed=0)
+    episode, _ = d.run_episode(short, lambda obs, state: (np.eye(4)[0], None))   # NOOPs
+    assert len(episode["reward"]) == 11 and not episode["terminal"].any()
+
+
+def test_atari_training_loop_wiring(tmp_path, monkeypatch):
+    """The Trainer's parts for Atari: a lost life ends training episodes but not evaluation
+    ones; exploration gets the run's update count (the ε schedule); seeding goes on until an
+    episode is long enough for a chunk; the world model learns tanh(r); imagination starts from
+    all but each chunk's last state; the one-hot actor has no stuck-actor watch."""
+    cfg, _ = d.parse_args(["--env", "atari_breakout", "--preset", "tiny"])
+    trainer = d.Trainer(cfg, "atari_breakout", tmp_path / "run", "cpu")
+    try:
+        assert trainer.env.life_done and not trainer.eval_env.life_done
+        seen = []
+        monkeypatch.setattr(trainer.agent, "act", lambda obs, state, explore, updates=0:
+                            (seen.append(updates), (trainer.env.sample_action(), None))[1])
+        trainer.counters["updates"] = 123
+        trainer.collect(trainer.env, explore=True)
+        assert seen and set(seen) == {123}
+        short = {"obs": np.zeros((5, 3, 64, 64), np.uint8), "action": np.zeros((5, 4), np.float32),
+                 "reward": np.zeros(5, np.float32), "terminal": np.zeros(5, bool)}
+        trainer.replay.episodes = [short] * cfg.seed_episodes
+        assert trainer.seeding()                      # no episode of batch_length rows yet
+        trainer.replay.episodes.append({k: np.concatenate([v] * 4) for k, v in short.items()})
+        assert not trainer.seeding()
+    finally:
+        trainer.lock.close()
+    agent = trainer.agent
+    batch = {k: torch.as_tensor(v) for k, v in fake_batch(cfg, action_dim=4).items()}
+    batch["reward"] = batch["reward"] * 5
+    batch["terminal"] = torch.zeros(3, 6, dtype=torch.bool)
+    torch.manual_seed(2)
+    _, _, metrics = agent.update_world_model(batch, step=False)
+    torch.manual_seed(2)
+    _, expected, _, _ = d.world_model_loss(agent.world_model,
+                                           {**batch, "reward": torch.tanh(batch["reward"])}, cfg)
+    torch.testing.assert_close(metrics["model/reward_loss"], expected["model/reward_loss"])
+    z, h = torch.randn(3, 6, cfg.stoch_size), torch.randn(3, 6, cfg.deter_size)
+    feats, _, _, metrics = agent.update_actor(z, h)
+    assert feats.shape[:2] == (cfg.horizon, 3 * 5)    # B·(L − 1) starts
+    assert "actor/saturation" not in metrics
+
+
+def test_atari_preset_is_the_papers_discrete_settings_and_the_base_for_atari_tasks():
+    cfg, _ = d.parse_args(["--env", "atari_pong", "--preset", "atari"])
+    assert (cfg.horizon, cfg.kl_scale, cfg.reward_transform, cfg.actor_dist) == \
+        (10, 0.1, "tanh", "onehot")
+    assert (cfg.discount_scale, cfg.action_repeat, cfg.time_limit) == (10.0, 4, 108_000)
+    assert (cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_updates) == (0.4, 0.1, 200_000)
+    assert d.parse_args(["--env", "atari_pong"])[0] == cfg
+    tiny, _ = d.parse_args(["--env", "atari_pong", "--preset", "tiny"])
+    assert tiny.deter_size == 32 and tiny.horizon == 5 and tiny.discount_scale == 10.0
+    assert d.Config().discount_scale == 0 and d.Config().reward_transform == "none"
+
+
+def test_atari_tiny_run_trains_evaluates_and_resumes(tmp_path):
+    """A real ALE game end to end: Breakout, where a lost life ends a training episode."""
+    logdir = tmp_path / "run"
+    args = ["--env", "atari_breakout", "--preset", "tiny", "--time_limit", "800",
+            "--train_every", "400", "--eval_every", "800", "--checkpoint_every", "800",
+            "--steps", "1200", "--seed", "1", "--device", "cpu", "--logdir", str(logdir)]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    metrics = read_metrics(logdir)
+    assert any("model/discount_loss" in m for m in metrics)
+    assert any("eval/return" in m for m in metrics)
+    files = sorted((logdir / "episodes").glob("*.npz"))
+    terminal = [np.load(f)["terminal"] for f in files]
+    assert all(not t[:-1].any() for t in terminal) and any(t[-1] for t in terminal)
+    assert (logdir / "checkpoint.pt").exists()
+    again = run_cli(*args[:-4], "--steps", "1800", "--seed", "1", "--logdir", str(logdir))
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-2000:]
+    assert read_metrics(logdir)[:len(metrics)] == metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # The other representation objectives (Sec. 4): contrastive estimation, reward prediction alone
 # ---------------------------------------------------------------------------------------------
 
@@ -1093,11 +1305,12 @@ def test_value_loss_is_eq8_weighted_half_squared_error_against_a_fixed_target():
 
 class CountingEnv:
     """A fake env whose image encodes (episode, step), whose reward is a function of the
-    action just taken, so that alignment errors are visible."""
+    action just taken, so that alignment errors are visible; with `ends`, its last step is
+    terminal (an early end), else a time-out."""
     action_dim = 1
 
-    def __init__(self, episode_id, length):
-        self.id, self.length, self.t = episode_id, length, 0
+    def __init__(self, episode_id, length, ends=False):
+        self.id, self.length, self.t, self.ends = episode_id, length, 0, ends
 
     def image(self):
         return np.stack([np.full((64, 64), self.id, np.uint8), np.full((64, 64), self.t, np.uint8),
@@ -1109,15 +1322,17 @@ class CountingEnv:
 
     def step(self, action):
         self.t += 1
-        return self.image(), 10.0 * float(action[0]) + self.t, self.t >= self.length
+        done = self.t >= self.length
+        return self.image(), 10.0 * float(action[0]) + self.t, done, done and self.ends
 
 
 def test_replay_sample_rows_hold_previous_action_and_reward_received_with_observation(tmp_path):
     replay = d.ReplayBuffer(tmp_path / "episodes", seed=0)
     for i, length in enumerate([20, 35, 8]):          # the 8-step episode is too short for L=10
         policy = lambda obs, state: (np.array([obs[1, 0, 0] / 100.0]), None)   # a_t = t/100
-        episode, ret = d.run_episode(CountingEnv(i, length), policy)
+        episode, ret = d.run_episode(CountingEnv(i, length, ends=i == 1), policy)
         assert episode["obs"].shape == (length + 1, 3, 64, 64) and episode["obs"].dtype == np.uint8
+        assert episode["terminal"].tolist() == [False] * length + [i == 1]   # o_T ended it
         assert episode["action"][0] == 0 and episode["reward"][0] == 0
         assert ret == pytest.approx(episode["reward"].sum())
         replay.add(episode)
@@ -1136,6 +1351,7 @@ def test_replay_sample_rows_hold_previous_action_and_reward_received_with_observ
             else:                                     # row t: a_{t−1} = (t−1)/100, r_t from it
                 assert batch["action"][b, k, 0] == pytest.approx((t[k] - 1) / 100)
                 assert batch["reward"][b, k] == pytest.approx(10 * (t[k] - 1) / 100 + t[k])
+            assert batch["terminal"][b, k] == (ep[0] == 1 and t[k] == 35)   # only that o_T
     assert seen == {0, 1}
     # Episodes were written to disk and read back identically.
     again = d.ReplayBuffer(tmp_path / "episodes")
@@ -1220,9 +1436,10 @@ def test_every_task_the_program_accepts_runs_and_the_others_are_refused():
         obs, done, steps = env.reset(), False, 0
         corners = np.array([[1.0] * env.action_dim, [-1.0] * env.action_dim])
         while not done:
-            obs, reward, done = env.step(corners[steps % 2])
+            obs, reward, done, terminal = env.step(corners[steps % 2])
             steps += 1
             assert np.isfinite(reward) and obs.shape == (3, 64, 64), name
+            assert not terminal, name                   # a DMC episode only times out
         assert steps == 10, name
 
 
@@ -1313,6 +1530,16 @@ BAD_ARGS = [
     (["--steps", "1000"], "before the first update"),
     (["--seed_episodes", "10", "--steps", "10000"], "before the first update"),
     (["--env", "lqr_lqr_2_1"], "lqr_lqr_2_1 cannot be run by this agent: its action bounds"),
+    # Atari: an unknown game, and flags that belong to the other kind of task.
+    (["--env", "atari_pongg"], "unknown Atari game 'pongg'; valid: atari_adventure, "),
+    (["--env", "reacher_easy", "--preset", "atari"], "--preset atari is for atari_ tasks"),
+    (["--env", "atari_pong", "--shadow_size", "256"], "--shadow_size shapes continuous actions"),
+    (["--env", "atari_pong", "--actor_dist", "tanh_normal"], "the actor must be onehot"),
+    (["--env", "reacher_easy", "--actor_dist", "onehot"], "onehot is for discrete actions"),
+    (["--env", "reacher_easy", "--epsilon_start", "0.2"], "--epsilon_start is ε-greedy"),
+    (["--env", "atari_pong", "--epsilon_end", "1.5"], "are probabilities, ≤ 1"),
+    (["--env", "atari_pong", "--actor_entropy", "1e-3"], "not for the one-hot actor"),
+    (["--env", "atari_pong", "--value_estimate", "reward"], "does not go with a discount"),
 ]
 
 
@@ -1848,7 +2075,7 @@ elif what == "env_step":
 elif what == "update":
     before(d.Dreamer, "train_step")
 elif what == "eval_step":
-    before(d.Dreamer, "act", when=lambda self, obs, state, explore: not explore)
+    before(d.Dreamer, "act", when=lambda self, obs, state, explore, *rest: not explore)
 elif what == "torn_episode":
     torn(np, "savez_compressed", 0)
 elif what == "torn_checkpoint":
