@@ -5,17 +5,19 @@ Latent Imagination", ICLR 2020 (arXiv 1912.01603). Read it next to the paper, to
     python dreamer.py --env reacher_easy --preset tiny    # smoke run, under 2 minutes on 2 cores
     python dreamer.py --help                              # every flag, with its paper symbol
 
-The file follows the paper's order: configuration → encoder → RSSM (Eq. 1) → decoder → reward
-model → actor (Eq. 2–3) → value model (Eq. 2) → value estimates (Eq. 4–6) → losses (Eq. 7, 8, 10)
-→ replay buffer → environment → training loop (Algorithm 1) → main(). Two sections near the end
-are not part of the algorithm: "Speed" (the same maths, computed faster) and the benchmark.
+The file follows the paper's order: configuration → encoder → RSSM (Eq. 1) → decoder (or the
+state model of contrastive estimation) → reward model (and discount predictor) → actor (Eq. 2–3;
+continuous, and one-hot for Atari) → value model (Eq. 2) → value estimates (Eq. 4–6) → losses
+(Eq. 7, 8, 10) → replay buffer → environments (DMC, Atari) → training loop (Algorithm 1) →
+pictures → ablations (Sec. 6) → main(). Two sections near the end are not part of the algorithm:
+"Speed" (the same maths, computed faster) and the benchmark.
 
 Where the paper leaves a detail open we follow the authors' TF2 code (github.com/danijar/dreamer)
 and say so with the tag "[official code]"; README.md lists every such place.
 
 Glossary (paper symbol → name here, shape):
     o_t  image observation        obs      uint8 [3, 64, 64] in replay, float in [−½, ½] for nets
-    a_t  action                   action   [A], each entry in [−1, 1]
+    a_t  action                   action   [A], each entry in [−1, 1] (Atari: one-hot)
     r_t  reward                   reward   scalar
     h_t  deterministic state      h        [deter_size]            (GRU memory of the RSSM)
     z_t  stochastic state         z        [stoch_size]            (diagonal Gaussian sample)
@@ -528,7 +530,8 @@ class StateModel(nn.Module):
 
 
 # ============================================================================================
-# World model, part 4: the reward model q(r_t | s_t) (Eq. 1), and the assembled world model
+# World model, part 4: the reward model q(r_t | s_t) (Eq. 1), the discount predictor q(γ_t | s_t)
+# (appendix, Atari), and the assembled world model
 # ============================================================================================
 
 class RewardModel(nn.Module):
@@ -735,6 +738,7 @@ class OneHotActor(nn.Module):
         """Return (action one-hot [..., A], ln q_φ(action | s) [...]); sample=False gives the
         mode. The sample carries the straight-through gradient; its log-probability does not
         depend on it (the one-hot is detached there)."""
+        # EXERCISE onehot_actor: logits → p; k ~ p; a = onehot(k) + (p − sg(p)); ln p_k of sg(a)
         logits = self.net(feat)
         if sample:
             probs = torch.softmax(logits, -1)                                   # p: [..., A]
@@ -746,15 +750,18 @@ class OneHotActor(nn.Module):
             action = self.mode(logits)
         log_prob = (action.detach() * torch.log_softmax(logits, -1)).sum(-1)
         return action, log_prob
+        # END EXERCISE
 
     @staticmethod
     def explore(action, cfg, updates):
         """ε-greedy (paper appendix): with probability ε = epsilon(cfg, updates) each row's
         action is replaced by one drawn uniformly from all A actions. action: one-hot [N, A]."""
+        # EXERCISE epsilon_greedy: per row, with probability epsilon(cfg, updates) a uniform one-hot
         N, A = action.shape
         random = F.one_hot(torch.randint(A, (N,), device=action.device), A).to(action.dtype)
         replace = torch.rand(N, 1, device=action.device) < epsilon(cfg, updates)
         return torch.where(replace, random, action)
+        # END EXERCISE
 
 
 # The actor's distribution, by --actor_dist: the paper's, a successor's (not in the paper), and
@@ -893,6 +900,7 @@ def contrastive_log_likelihood(feat, mean, std):
     std [..., F]: q(s | o) of each position's own observation. → the mean over the N states,
     0-d, ≤ 0: 0 when each state is told apart by its own image, ln(1/N) when images tell
     nothing. Its gradient reaches the state model, the encoder and the states s_t."""
+    # EXERCISE contrastive_log_likelihood: table ln q(s_i | o_j) [N, N]; diagonal − logsumexp_j
     s, mean, std = (x.reshape(-1, x.shape[-1]) for x in (feat, mean, std))      # [N, F]
     # ln q(s_i | o_j) for all pairs i, j: [N, N], without the constant −(F/2)·ln 2π, which
     # cancels. −½ Σ_d (s_id − μ_jd)²·w_jd − Σ_d ln σ_jd, w = 1/σ², expanded into matrix
@@ -905,6 +913,7 @@ def contrastive_log_likelihood(feat, mean, std):
     sq = (s * s) @ w.t() - 2 * s @ (mean * w).t() + (mean * mean * w).sum(-1)  # Σ_d (s−μ)²w
     logits = -0.5 * sq - torch.log(std).sum(-1)                    # [N states, N images]
     return (logits.diagonal() - torch.logsumexp(logits, 1)).mean()
+    # END EXERCISE
 
 
 def world_model_loss(wm, batch, cfg):
@@ -2488,7 +2497,7 @@ def exercise_main(names, out):
     if names == "list":
         found = find_exercises(Path(__file__).read_text(encoding="utf-8").splitlines())
         for name, (start, _, _, hint) in found.items():
-            print(f"{name:18s} line {start + 2:5d}  {hint}")
+            print(f"{name:26s} line {start + 2:5d}  {hint}")
         return 0
     if not out:
         raise UserError("--make-exercise needs --out FILE, the student copy to write")
@@ -2510,11 +2519,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(description="Dreamer (Hafner et al., ICLR 2020) on DeepMind Control from pixels.")
+    p = _Parser(description="Dreamer (Hafner et al., ICLR 2020) on DeepMind Control and Atari "
+                            "from pixels.")
     # --env and --preset default to None so that --evaluate can tell that they were given.
     p.add_argument("--env", default=None,
-                   help="DMC task as domain_task, e.g. reacher_easy or cup_catch "
-                        "(default: reacher_easy)")
+                   help="DMC task as domain_task, e.g. reacher_easy or cup_catch, or an "
+                        "Atari game as atari_GAME, e.g. atari_pong (default: reacher_easy)")
     p.add_argument("--preset", default=None,
                    help=f"named configuration: {', '.join(PRESETS)} (default: paper); "
                         f"flags below override it")

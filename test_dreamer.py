@@ -2386,8 +2386,9 @@ def test_plot_video_shows_real_model_and_error_frames(trained, tmp_path, capsys)
 # Exercises: python dreamer.py --make-exercise NAMES --out FILE, graded by these same tests
 # ---------------------------------------------------------------------------------------------
 
-EXERCISES = ["rssm_prior", "rssm_posterior", "reward_sum", "nstep_return", "lambda_return",
-             "world_model_loss", "imagine", "actor_loss", "value_loss", "replay_sample"]
+EXERCISES = ["rssm_prior", "rssm_posterior", "onehot_actor", "epsilon_greedy", "reward_sum", "nstep_return",
+             "lambda_return", "contrastive_log_likelihood", "world_model_loss", "imagine",
+             "actor_loss", "value_loss", "replay_sample"]
 
 
 def without_bodies(lines):
