@@ -305,7 +305,7 @@ def check_task_config(cfg, task, given=()):
                             f"tasks); {task} explores with --expl_noise")
 
 
-def check_task_fits(cfg, task, max_env_steps):
+def check_task_fits(cfg, task, max_env_steps, can_end_early=False):
     """The checks of `validate` that need the task's own episode length (env steps, at most
     time_limit): a batch must fit in an episode, R must divide it, and --steps must reach past
     the seed episodes, or the run would end without a single update. Raises UserError."""
@@ -317,7 +317,7 @@ def check_task_fits(cfg, task, max_env_steps):
         raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode of "
                         f"{task} ({rows} rows: the task ends after {max_env_steps} env steps)")
     seeding = cfg.seed_episodes * max_env_steps
-    if cfg.steps <= seeding and not is_atari(task):   # (Atari episodes end early: unknown)
+    if cfg.steps <= seeding and not can_end_early:   # (early ends: the seeding's length is unknown)
         raise UserError(f"--steps {cfg.steps} ends with the random seed episodes (S = "
                         f"{cfg.seed_episodes}, {seeding} env steps), before the first update; raise "
                         f"--steps above {seeding} or lower --seed_episodes")
@@ -558,6 +558,12 @@ class DiscountModel(nn.Module):
 
     def forward(self, feat):
         return self.net(feat).squeeze(-1)               # [...] logit; the mean is its sigmoid
+
+
+def model_reward(wm, reward):
+    """Real rewards as the reward model learns them: tanh(r) with --reward_transform tanh
+    (paper appendix, Atari: bounded rewards), else r. Training and the pictures use it."""
+    return torch.tanh(reward) if wm.reward_transform == "tanh" else reward
 
 
 # The world model's observation term (Sec. 4), by --representation: reconstruction (the paper's
@@ -1022,9 +1028,8 @@ def actor_loss(wm, actor, value_model, z, h, cfg, return_scale=None):
     weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0)
     weights = weights.detach()
     loss = -(weights * returns).mean()
-    scale = None if return_scale is None else return_scale(returns)  # max(1, S), not in paper
-    if scale is not None:
-        loss = loss / scale
+    if return_scale is not None:                                     # not in the paper
+        loss = loss / return_scale(returns)                          # ÷ max(1, S)
     # Not in the paper (default η = 0): −η·E[H], H ≈ −ln q_φ(a_τ | s_τ) from the one sample
     # (as in DreamerV2). Once tanh saturates (|μ| ≫ 1), ∂a/∂μ = 1 − tanh²u ≈ 0 and the return
     # no longer moves μ, but ∂(−η·H)/∂u = 2η·tanh u does not vanish, so this pulls u back
@@ -1035,7 +1040,7 @@ def actor_loss(wm, actor, value_model, z, h, cfg, return_scale=None):
     metrics = {"actor/loss": loss, "actor/entropy": entropy.detach(),
                "behaviour/imagined_reward": reward.detach().mean(),
                "behaviour/return": returns.detach().mean()}
-    if scale is not None:
+    if return_scale is not None:
         metrics["actor/return_scale"] = return_scale.scale.clone()  # S (the divisor: max(1, S))
     return loss, feats, returns, weights, metrics
     # END EXERCISE
@@ -1089,8 +1094,7 @@ class Dreamer:
     def update_world_model(self, batch, step=True):
         """Algorithm 1, dynamics learning: gradients of Eq. 10, and (if step) one Adam step.
         → posterior states z [B, L, Z], h [B, L, D] (detached) and metrics."""
-        if self.cfg.reward_transform == "tanh":   # (paper appendix, Atari) bounded rewards
-            batch = {**batch, "reward": torch.tanh(batch["reward"])}
+        batch = {**batch, "reward": model_reward(self.world_model, batch["reward"])}
         loss, metrics, z, h = world_model_loss(self.world_model, batch, self.cfg)
         self._backward(loss, self.model_opt)
         if step:
@@ -1107,9 +1111,9 @@ class Dreamer:
         with frozen(self.world_model, self.value):
             loss, feats, returns, weights, metrics = actor_loss(
                 self.world_model, self.actor, self.value, z, h, self.cfg, self.return_scale)
-            with torch.no_grad():   # is the actor stuck? (Trainer.watch_actor; continuous)
-                mean, _ = self.actor.dist_params(torch.cat([z, h], -1))     # starts: [B, L, A]
-                if not self.actor.discrete:
+            if not self.actor.discrete:   # is the actor stuck? (Trainer.watch_actor)
+                with torch.no_grad():
+                    mean, _ = self.actor.dist_params(torch.cat([z, h], -1))   # starts: [B, L, A]
                     metrics["actor/mean_abs"] = mean.abs().mean()   # |μ| (tanh_normal: pre-tanh)
                     metrics["actor/saturation"] = action_saturation(self.actor.mode(mean))
             metrics["actor/grad_norm"] = self._step(loss, self.actor, self.actor_opt)
@@ -1286,7 +1290,7 @@ def all_tasks():
 def parse_task(name):
     """'reacher_easy' → ('reacher', 'easy'); 'ball_in_cup_catch' → ('ball_in_cup', 'catch');
     'atari_pong' → ('atari', 'pong'). Raises UserError for a malformed or unknown name."""
-    if (name or "").startswith("atari_"):
+    if is_atari(name):
         return "atari", atari_game(name[len("atari_"):])
     if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)+", name or ""):
         raise UserError(f"malformed task name {name!r}: expected domain_task, "
@@ -1661,7 +1665,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed,
                             shadow_size=cfg.shadow_size)
-        check_task_fits(cfg, task, self.env.max_env_steps)
+        check_task_fits(cfg, task, self.env.max_env_steps, self.env.can_end_early)
         # A separate environment for evaluation, so evaluating leaves training's RNG alone.
         self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit,
                                  seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size,
@@ -2017,11 +2021,6 @@ def require_decoder(wm):
                         f"--representation {wm.representation}, which learns no images")
 
 
-def model_reward(wm, reward):
-    """Real rewards as the reward model learned them: tanh(r) with --reward_transform tanh."""
-    return torch.tanh(reward) if wm.reward_transform == "tanh" else reward
-
-
 def decode_image(wm, feat):
     """The decoder's mean image (Eq. 1, observation model) as uint8: feat [..., F] →
     [..., 3, 64, 64]. Raises UserError for a world model without a decoder."""
@@ -2073,10 +2072,10 @@ def prediction_error(wm, episodes, horizon=45, context=5, stride=10):
                  for k in ("obs", "action", "reward")}                   # [N, L, ...]
         filtered, predicted = filter_and_predict(wm, batch["obs"], batch["action"], context)
         real = preprocess(batch["obs"][:, context:])                    # [N, H, 3, 64, 64]
+        real_reward = model_reward(wm, batch["reward"][:, context:])    # [N, H]
         for name, feat in (("open", predicted[:, context:]), ("filtered", filtered[:, context:])):
             image = wm.decoder(feat)                                    # mean, in [−½, ½]
             out[f"image_{name}"].append(((image - real) ** 2).mean((2, 3, 4)))        # [N, H]
-            real_reward = model_reward(wm, batch["reward"][:, context:])
             out[f"reward_{name}"].append((wm.reward(feat) - real_reward).abs())
     result = {k: torch.cat(v).mean(0).cpu().numpy() for k, v in out.items()}  # [H] each
     return {**result, "chunks": len(chunks)}
@@ -2376,7 +2375,7 @@ ABLATIONS = {"value": ("value_estimate", ("lambda", "reward")),
 
 def ablation_runs(kind, root, seed):
     """→ {arm: logdir} of one seed of an ablation: ROOT/ARM-sSEED."""
-    field, arms = ABLATIONS[kind]
+    _, arms = ABLATIONS[kind]
     return {arm: Path(root) / f"{arm}-s{seed}" for arm in arms}
 
 

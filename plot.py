@@ -246,10 +246,8 @@ def main(argv=None):
         by_task.setdefault(task, []).append((x, y))
     for task, curves in by_task.items():
         if len(curves) > 1:                      # mean ± std over runs, at their shared steps
-            shared = sorted(set.intersection(*(set(x.tolist()) for x, _ in curves)))
+            shared, m, s = mean_std_at_shared_steps(curves)
             if shared:
-                ys = np.array([[dict(zip(x.tolist(), y))[s] for s in shared] for x, y in curves])
-                m, s = ys.mean(0), ys.std(0)
                 ax.plot(shared, m, color="black", lw=2, label=f"{task}: mean of {len(curves)}")
                 ax.fill_between(shared, m - s, m + s, color="black", alpha=0.1)
         published = PUBLISHED.get(task, {}) if args.metric == "eval/return" else {}
@@ -270,6 +268,13 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
+
+
+def mean_std_at_shared_steps(curves):
+    """[(steps, values), …] → (the steps all curves have, mean and std over curves there)."""
+    shared = sorted(set.intersection(*(set(x.tolist()) for x, _ in curves)))
+    ys = np.array([[dict(zip(x.tolist(), y))[s] for s in shared] for x, y in curves])
+    return shared, ys.mean(0), ys.std(0)
 
 
 def is_ablation(root):
@@ -294,12 +299,10 @@ def draw_ablation(root, metric, out):
         color = f"C{i}"
         for seed, x, y in runs:
             ax.plot(x, y, color=color, lw=0.8, alpha=0.35)
-        shared = sorted(set.intersection(*(set(x.tolist()) for _, x, _ in runs)))
+        shared, m, sd = mean_std_at_shared_steps([(x, y) for _, x, y in runs])
         seeds = ", ".join(str(seed) for seed, _, _ in runs)
         if not shared:
             continue
-        ys = np.array([[dict(zip(x.tolist(), y))[s] for s in shared] for _, x, y in runs])
-        m, sd = ys.mean(0), ys.std(0)
         ax.plot(shared, m, color=color, lw=2.2, marker=".",
                 label=f"{arm}: mean ± std of {len(runs)} seed{'s' * (len(runs) > 1)} ({seeds})")
         ax.fill_between(shared, m - sd, m + sd, color=color, alpha=0.15)
