@@ -8,7 +8,7 @@ Latent Imagination", ICLR 2020 (arXiv 1912.01603). Read it next to the paper, to
 The file follows the paper's order: configuration → encoder → RSSM (Eq. 1) → decoder (or the
 state model of contrastive estimation) → reward model (and discount predictor) → actor (Eq. 2–3;
 continuous, and one-hot for Atari) → value model (Eq. 2) → value estimates (Eq. 4–6) → losses
-(Eq. 7, 8, 10) → replay buffer → environments (DMC, Atari) → training loop (Algorithm 1) →
+(Eq. 7, 8, 10) → replay buffer → environments (DMC, Atari, Gymnasium) → training loop (Algorithm 1) →
 pictures → ablations (Sec. 6) → main(). Two sections near the end are not part of the algorithm:
 "Speed" (the same maths, computed faster) and the benchmark.
 
@@ -17,6 +17,7 @@ and say so with the tag "[official code]"; README.md lists every such place.
 
 Glossary (paper symbol → name here, shape):
     o_t  image observation        obs      uint8 [3, 64, 64] in replay, float in [−½, ½] for nets
+                                           (--obs state, not in the paper: float32 [O] vectors)
     a_t  action                   action   [A], each entry in [−1, 1] (Atari: one-hot)
     r_t  reward                   reward   scalar
     h_t  deterministic state      h        [deter_size]            (GRU memory of the RSSM)
@@ -32,6 +33,7 @@ trajectories are time-major [H, N, ...] with N = B·L start states. Replay row t
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -111,6 +113,11 @@ class Config:
     batch_size: int = _f(50, "B: sequences per batch (paper Sec. 6)")
     batch_length: int = _f(50, "L: steps per sequence (paper Sec. 6)")
     # World model (Sec. 4 and Appendix A).
+    obs: str = _f("pixels", "what the agent sees: pixels (the paper's 64×64 images) or state "
+                            "(the task's state vector, dense encoder and decoder; not in the "
+                            "paper)")
+    state_transform: str = _f("none", "--obs state only: none (the raw values) or symlog "
+                                      "(sign(x)·ln(1+|x|), DreamerV3's) on the state vector")
     cnn_depth: int = _f(32, "encoder/decoder channels multiplier: 32·(1,2,4,8) [official code]")
     deter_size: int = _f(200, "size of the deterministic state h_t (GRU) [official code]")
     stoch_size: int = _f(30, "size of the stochastic state z_t (diagonal Gaussian) [official]")
@@ -185,6 +192,10 @@ PRESETS = {
     # rates and all loss terms are the paper's. README: "Presets and flags".
     "cpu": dict(steps=100_000, train_steps=45, batch_size=8, cnn_depth=16, units=200,
                 shadow_size=256, eval_episodes=5),
+    # Not in the paper: Dreamer from state vectors (--obs state), sized by measurement so that
+    # 100k env steps take at most 20 minutes on a 2-core CPU (README: "Presets and flags").
+    "cpu-state": dict(obs="state", steps=100_000, batch_size=16, units=200, train_steps=25,
+                      eval_episodes=5),
     # The paper's discrete-action settings (appendix "Atari and DeepMind Lab"): H = 10, β = 0.1,
     # rewards bounded with tanh, ε-greedy (the epsilon_* defaults), a one-hot actor; and
     # [official code] a discount predictor with weight 10, action repeat 4, episodes capped at
@@ -207,7 +218,7 @@ def validate(cfg):
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if f.name in ("precision", "value_estimate", "actor_dist", "return_norm",
-                      "representation", "reward_transform"):
+                      "representation", "reward_transform", "obs", "state_transform"):
             continue
         if not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
@@ -248,6 +259,13 @@ def validate(cfg):
                 raise UserError(f"--{name} shapes the tanh_normal actor only; the trunc_normal "
                                 f"actor has DreamerV2's fixed bounds (μ in (−1, 1), σ in "
                                 f"(0.1, 2.1))")
+    if cfg.obs not in ("pixels", "state"):
+        raise UserError(f"--obs must be pixels or state, got {cfg.obs!r}")
+    if cfg.state_transform not in ("none", "symlog"):
+        raise UserError(f"--state_transform must be none or symlog, got {cfg.state_transform!r}")
+    if cfg.state_transform != "none" and cfg.obs != "state":
+        raise UserError("--state_transform applies to state vectors (--obs state); with "
+                        "--obs pixels it would do nothing")
     if cfg.reward_transform not in ("none", "tanh"):
         raise UserError(f"--reward_transform must be none or tanh, got {cfg.reward_transform!r}")
     if cfg.epsilon_start > 1 or cfg.epsilon_end > 1:
@@ -280,10 +298,22 @@ CONTINUOUS_ONLY = ("shadow_size", "expl_noise", "actor_mean_scale", "actor_init_
 
 
 def check_task_config(cfg, task, given=()):
-    """The checks that need the task's kind: Atari's one-hot actor (without an entropy bonus)
-    and no DMC-only flag for Atari, no discrete actor or ε flag for DMC. given: the flags the
-    user typed (parse_args; the Trainer checks the config alone). Raises UserError."""
-    if is_atari(task):
+    """The checks that need the task's kind: the one-hot actor (without an entropy bonus) for
+    discrete actions (Atari, a Gymnasium Discrete space) and no continuous-only flag there, no
+    discrete actor or ε flag for continuous actions; what --obs the task can give. given: the
+    flags the user typed (parse_args; the Trainer checks the config alone). Raises UserError."""
+    if is_atari(task) and cfg.obs != "pixels":
+        raise UserError(f"{task} is played from pixels; --obs {cfg.obs} is for DMC and gym: tasks")
+    if is_gym(task):
+        info = probe_gym(task)
+        if cfg.obs == "state" and not info["state"]:
+            raise UserError(f"{task}'s observations are {info['observation_space']}, not one "
+                            f"Box of numbers; --obs state needs a Box (flatten a Dict with "
+                            f"gymnasium.wrappers.FlattenObservation in your environment)")
+        if cfg.obs == "pixels" and not info["pixels"]:
+            raise UserError(f"{task} does not render rgb_array frames, so --obs pixels cannot "
+                            f"see it; use --obs state")
+    if is_discrete(task):
         if cfg.actor_dist != "onehot":
             raise UserError(f"{task} has discrete actions: the actor must be onehot, not "
                             f"--actor_dist {cfg.actor_dist}")
@@ -297,12 +327,12 @@ def check_task_config(cfg, task, given=()):
                             f"{task}; drop it")
     else:
         if cfg.actor_dist == "onehot":
-            raise UserError(f"--actor_dist onehot is for discrete actions (atari_ tasks); {task} "
-                            f"has continuous ones")
+            raise UserError(f"--actor_dist onehot is for discrete actions (atari_ tasks, "
+                            f"Discrete gym: tasks); {task} has continuous ones")
         wrong = [g for g in given if g.startswith("--epsilon_")]
         if wrong:
             raise UserError(f"{wrong[0]} is ε-greedy exploration for discrete actions (atari_ "
-                            f"tasks); {task} explores with --expl_noise")
+                            f"tasks, Discrete gym: tasks); {task} explores with --expl_noise")
 
 
 def check_task_fits(cfg, task, max_env_steps, can_end_early=False):
@@ -366,9 +396,24 @@ def kl_gaussian(mean_q, std_q, mean_p, std_p):
             + (std_q ** 2 + (mean_q - mean_p) ** 2) / (2 * std_p ** 2) - 0.5)
 
 
-def preprocess(obs):
-    """uint8 pixels in [0, 255] → float in [−½, ½] [official code]."""
-    return obs.float() / 255.0 - 0.5
+def preprocess(obs, state_transform="none"):
+    """uint8 pixels in [0, 255] → float in [−½, ½] [official code]. A float state vector (--obs
+    state, not in the paper) passes as it is, or through symlog(x) = sign(x)·ln(1 + |x|) with
+    state_transform "symlog" (DreamerV3's input and target transform)."""
+    if obs.dtype == torch.uint8:
+        return obs.float() / 255.0 - 0.5
+    obs = obs.float()
+    return symlog(obs) if state_transform == "symlog" else obs
+
+
+def symlog(x):
+    """sign(x)·ln(1 + |x|): the identity near 0, logarithmic for large |x| (DreamerV3)."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x):
+    """The inverse of symlog: sign(x)·(e^|x| − 1)."""
+    return torch.sign(x) * torch.expm1(x.abs())
 
 
 # ============================================================================================
@@ -398,6 +443,20 @@ class Encoder(nn.Module):
             for conv in self.convs:
                 x = F.relu(conv(x), inplace=True)       # [N, 8d, 2, 2] after the last one
         return x.float().reshape(*lead, self.embed_size)   # [..., 32·d]
+
+
+class DenseEncoder(nn.Module):
+    """Not in the paper (--obs state): the encoder for a state vector instead of an image, as
+    DreamerV2/V3 encode vector inputs: 4 dense ELU layers of `units` [DreamerV2 code: 4 × 400],
+    the last one's output the embedding e_t. obs [..., O] (after preprocess) → embed [..., units]."""
+
+    def __init__(self, obs_dim, units):
+        super().__init__()
+        self.net = nn.Sequential(mlp(obs_dim, units, 3, units), nn.ELU())
+        self.embed_size = units
+
+    def forward(self, obs):
+        return self.net(obs)                            # [..., O] → [..., units]
 
 
 # ============================================================================================
@@ -512,6 +571,19 @@ class Decoder(nn.Module):
         return x.float().reshape(*lead, 3, 64, 64)
 
 
+class DenseDecoder(nn.Module):
+    """Not in the paper (--obs state): the observation model q(o_t | s_t) for a state vector, a
+    unit-variance Gaussian whose mean is 4 dense ELU layers of `units` → O [DreamerV2 code], so
+    that J_O = −½‖o_t − ô_t‖² is Eq. 10's term exactly as for images, summed over O entries."""
+
+    def __init__(self, feat_size, obs_dim, units):
+        super().__init__()
+        self.net = mlp(feat_size, units, 4, obs_dim)
+
+    def forward(self, feat):
+        return self.net(feat)                           # [..., F] → mean [..., O]
+
+
 class StateModel(nn.Module):
     """The state model q(s_t | o_t) of contrastive estimation (Sec. 4, --representation
     contrastive), which takes the decoder's place: a diagonal Gaussian over the model state
@@ -577,15 +649,24 @@ class WorldModel(nn.Module):
     there is neither (decoder and state_model are None when absent). A discount predictor
     (discount) is there only for tasks that can end early (Atari)."""
 
-    def __init__(self, cfg, action_dim):
+    def __init__(self, cfg, action_dim, obs_shape=(3, 64, 64)):
         super().__init__()
-        self.encoder = Encoder(cfg.cnn_depth, cfg.precision)
-        self.rssm = RSSM(cfg, action_dim, self.encoder.embed_size)
         self.feat_size = cfg.stoch_size + cfg.deter_size   # s_t = cat(z_t, h_t)
+        # obs_shape: (3, 64, 64) images, or (O,) state vectors (--obs state, not in the paper)
+        self.obs_shape, self.state_transform = tuple(obs_shape), cfg.state_transform
+        if len(self.obs_shape) != (3 if cfg.obs == "pixels" else 1):
+            raise ValueError(f"--obs {cfg.obs} does not fit observations of shape {obs_shape}")
+        if cfg.obs == "pixels":
+            self.encoder = Encoder(cfg.cnn_depth, cfg.precision)
+        else:
+            self.encoder = DenseEncoder(self.obs_shape[0], cfg.units)
+        self.rssm = RSSM(cfg, action_dim, self.encoder.embed_size)
         self.representation, self.decoder, self.state_model = cfg.representation, None, None
         self.reward_transform = cfg.reward_transform        # what the reward model predicts
-        if cfg.representation == "reconstruction":
+        if cfg.representation == "reconstruction" and cfg.obs == "pixels":
             self.decoder = Decoder(cfg.cnn_depth, self.feat_size, cfg.precision)
+        elif cfg.representation == "reconstruction":
+            self.decoder = DenseDecoder(self.feat_size, self.obs_shape[0], cfg.units)
         elif cfg.representation == "contrastive":
             self.state_model = StateModel(cfg, self.encoder.embed_size, self.feat_size)
         self.reward = RewardModel(cfg, self.feat_size)
@@ -938,7 +1019,7 @@ def world_model_loss(wm, batch, cfg):
     Bernoulli log-likelihood of the soft labels γ·(1 − terminal_t) (batch["terminal"] [B, L],
     true where o_t ended the episode; metric model/discount_loss, −J_γ)."""
     # EXERCISE world_model_loss: encode, rssm.observe, decode; β·max(KL, free nats) − J_O − J_R
-    obs = preprocess(batch["obs"])                                  # [B, L, 3, 64, 64]
+    obs = preprocess(batch["obs"], wm.state_transform)   # [B, L, 3, 64, 64] (state: [B, L, O])
     embed = wm.encoder(obs)                                         # [B, L, E]
     s = wm.rssm.observe(embed, batch["action"])                     # each [B, L, ·]
     feat = torch.cat([s["z"], s["h"]], -1)                          # s_t: [B, L, Z + D]
@@ -1063,9 +1144,9 @@ def value_loss(value_model, feats, returns, weights):
 class Dreamer:
     """World model θ, actor φ, value model ψ, and one Adam optimiser each (paper Sec. 6)."""
 
-    def __init__(self, cfg, action_dim, device="cpu"):
+    def __init__(self, cfg, action_dim, device="cpu", obs_shape=(3, 64, 64)):
         self.cfg, self.device, self.action_dim = cfg, torch.device(device), action_dim
-        self.world_model = WorldModel(cfg, action_dim).to(self.device)
+        self.world_model = WorldModel(cfg, action_dim, obs_shape).to(self.device)
         self.actor = ACTORS[cfg.actor_dist](cfg, action_dim).to(self.device)
         self.value = ValueModel(cfg).to(self.device)
         # None unless --return_norm percentile (DreamerV3's, not in the paper)
@@ -1148,7 +1229,8 @@ class Dreamer:
             z, h = wm.rssm.initial(1, self.device)
             state = (z, h, torch.zeros(1, self.action_dim, device=self.device))
         z, h, prev_action = state
-        embed = wm.encoder(preprocess(torch.as_tensor(obs, device=self.device)[None]))
+        obs = torch.as_tensor(obs, device=self.device)[None]
+        embed = wm.encoder(preprocess(obs, wm.state_transform))
         h, _, _ = wm.rssm.prior(z, h, prev_action)
         mean, std = wm.rssm.posterior(h, embed)
         z = mean + std * torch.randn_like(std)
@@ -1264,11 +1346,24 @@ class ReplayBuffer:
 
 
 # ============================================================================================
-# Environments: DeepMind Control Suite from pixels; Atari (discrete actions, early ends)
+# Environments: DeepMind Control Suite from pixels; Atari (discrete actions, early ends);
+# not in the paper: DMC from state vectors, and any Gymnasium environment (your own)
 # ============================================================================================
-# Both have reset() → obs uint8 [3, 64, 64]; step(action) → (obs, reward, done, terminal), where
-# done ends the episode and terminal says it really ended (a time limit is done, not terminal);
-# sample_action() for the random seed episodes; action_dim; max_env_steps; random_state.
+# The environment interface, all that run_episode, the Trainer and play() rely on (DMCEnv,
+# AtariEnv and GymEnv below have it; README: "Your own environment"):
+#   reset() → obs                           the first observation of a new episode
+#   step(action) → (obs, reward, done, terminal)
+#       action   float [A]: in [−1, 1]^A (continuous), or one-hot (discrete: its argmax is taken)
+#       reward   float, summed over the R = action_repeat env steps one action is repeated for
+#       done     the episode is over: a real end or a time limit
+#       terminal it really ended (game over, a pole that fell): the discount predictor's label
+#                0; a time limit is done but never terminal
+#   obs          uint8 [3, 64, 64] pixels (--obs pixels) or float32 [O] (--obs state)
+#   obs_shape    (3, 64, 64) or (O,);  action_dim A;  discrete: one-hot actions or not
+#   max_env_steps  the longest episode in env steps;  can_end_early  whether done can come sooner
+#   sample_action()  a uniformly random action (the seed episodes), from numpy's global RNG
+#   random_state   its RNG, with get_state()/set_state() (checkpointed: a resumed run's episodes
+#                  start where an unbroken run's would)
 
 TASK_ALIASES = {"cup_catch": ("ball_in_cup", "catch")}   # the paper's name for ball_in_cup_catch
 # DMC domains whose tasks this agent cannot run, with the reason: refused by name, up front.
@@ -1289,9 +1384,13 @@ def all_tasks():
 
 def parse_task(name):
     """'reacher_easy' → ('reacher', 'easy'); 'ball_in_cup_catch' → ('ball_in_cup', 'catch');
-    'atari_pong' → ('atari', 'pong'). Raises UserError for a malformed or unknown name."""
+    'atari_pong' → ('atari', 'pong'); 'gym:Pendulum-v1' → ('gym', 'Pendulum-v1'). Raises
+    UserError for a malformed or unknown name."""
     if is_atari(name):
         return "atari", atari_game(name[len("atari_"):])
+    if is_gym(name):
+        probe_gym(name)                      # refuses an unknown or unusable environment
+        return "gym", name[len("gym:"):]
     if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)+", name or ""):
         raise UserError(f"malformed task name {name!r}: expected domain_task, "
                         f"e.g. reacher_easy or cheetah_run")
@@ -1305,11 +1404,21 @@ def parse_task(name):
                                 f"{UNSUPPORTED_DOMAINS[domain]}")
             return domain, task
     raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(all_tasks())}, or "
-                    f"atari_GAME for an Atari game (e.g. atari_pong)")
+                    f"atari_GAME for an Atari game (e.g. atari_pong), or gym:ID for a "
+                    f"Gymnasium environment (e.g. gym:Pendulum-v1)")
 
 
 def is_atari(task):
     return (task or "").startswith("atari_")
+
+
+def is_gym(task):
+    return (task or "").startswith("gym:")
+
+
+def is_discrete(task):
+    """Whether the task's actions are discrete (one-hot): Atari, or a Gymnasium Discrete space."""
+    return is_atari(task) or (is_gym(task) and probe_gym(task)["discrete"])
 
 
 def atari_game(game):
@@ -1331,10 +1440,14 @@ class DMCEnv:
     """A DMC task from 64×64 pixels with action repeat and a time limit, counted in env steps.
     reset() → obs; step(action in [−1, 1]^A) → (obs, reward summed over the repeats, done).
     obs is uint8 [3, 64, 64]. Reaching the time limit ends the episode but is not terminal:
-    there is no discount to learn on DMC (paper Sec. 6; [official code] 'pcont' off)."""
+    there is no discount to learn on DMC (paper Sec. 6; [official code] 'pcont' off).
+    Not in the paper: obs="state" gives the task's own observation instead, float32 [O]: the
+    arrays of dm_control's observation dict, each flattened, concatenated in the order of
+    observation_spec() (reacher: position 2, to_target 2, velocity 2); nothing is rendered
+    then, though render() still draws the frame a person would see."""
 
     def __init__(self, task, action_repeat=2, time_limit=1000, size=64, seed=0,
-                 shadow_size=2048):
+                 shadow_size=2048, obs="pixels"):
         from dm_control import suite
         from dm_control.rl.control import PhysicsError
         import mujoco
@@ -1352,22 +1465,31 @@ class DMCEnv:
         spec = self.env.action_spec()
         self.low, self.high = spec.minimum, spec.maximum
         self.action_dim = spec.shape[0]
-        self.steps = 0
+        self.obs_mode, self.steps = obs, 0
+        self.obs_shape = ((3, size, size) if obs == "pixels" else
+                          (sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values()),))
 
     def render(self):
         image = self.env.physics.render(self.size, self.size, camera_id=self.camera)
         return np.ascontiguousarray(image.transpose(2, 0, 1))   # [H, W, 3] → [3, H, W]
 
+    def observe(self, time_step):
+        """What the agent sees: the rendered image, or (state) the flattened observation dict."""
+        if self.obs_mode == "pixels":
+            return self.render()
+        return np.concatenate([np.asarray(v, np.float32).ravel()
+                               for v in time_step.observation.values()])   # [O]
+
     def reset(self):
         self.steps = 0
         try:
-            self.env.reset()
+            time_step = self.env.reset()
         except self.physics_error as e:
             raise SimulatorError(f"the simulator failed to reset {self.task} "
                                  f"({one_line(e)})") from None
-        return self.render()
+        return self.observe(time_step)
 
-    can_end_early = False
+    can_end_early, discrete = False, False
 
     def sample_action(self):
         """A uniformly random action in [−1, 1]^A (the seed episodes), from numpy's global RNG."""
@@ -1396,7 +1518,7 @@ class DMCEnv:
             done = ts.last() or self.steps >= self.time_limit
             if done:
                 break
-        return self.render(), reward, done, False
+        return self.observe(ts), reward, done, False
 
     @property
     def random_state(self):
@@ -1413,7 +1535,7 @@ class AtariEnv:
     is no terminal. Actions are one-hot over the game's minimal action set. The game restarts
     at every reset [official TF2 code], after a lost life too."""
 
-    can_end_early = True
+    can_end_early, discrete, obs_shape = True, True, (3, 64, 64)
     noops, sticky = 30, 0.25                                  # [official code]
 
     def __init__(self, game, action_repeat=4, time_limit=108_000, seed=0, life_done=True):
@@ -1482,17 +1604,155 @@ class AtariEnv:
         return self.random
 
 
-def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048, training=True):
-    """The public entry point for environments: DMCEnv, or AtariEnv for atari_GAME (where a
-    lost life ends only training episodes, training=True). Raises UserError for an unknown task
-    and for a simulator that cannot be set up (e.g. dm_control's ImportError or RuntimeError
-    when no renderer works)."""
+class _GeneratorState:
+    """A numpy Generator's state behind RandomState's get_state()/set_state()."""
+
+    def __init__(self, generator_of):
+        self.generator_of = generator_of        # () → the Generator (looked up when used)
+
+    def get_state(self):
+        return self.generator_of().bit_generator.state
+
+    def set_state(self, state):
+        self.generator_of().bit_generator.state = state
+
+
+@functools.lru_cache(maxsize=None)
+def probe_gym(task):
+    """What a Gymnasium task 'gym:ID' offers, from one gymnasium.make(ID) (ID may be
+    'module:Name', which imports the user's module first, where it registers Name) → dict with
+    discrete (bool), action_dim, max_episode_steps (its own time limit, or None), state (its
+    observation space is a Box: --obs state works) and pixels (it renders rgb_array frames:
+    --obs pixels works). Raises UserError, one line, for anything this agent cannot use."""
+    try:
+        import gymnasium
+    except ImportError:
+        raise UserError("gym: tasks need the package gymnasium (pip install -r "
+                        "requirements.txt)") from None
+    env_id = task[len("gym:"):]
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())     # so that gym:mymodule:Name finds ./mymodule.py
+    try:
+        env = gymnasium.make(env_id)
+    except Exception as e:
+        raise UserError(f"cannot make the Gymnasium environment {env_id!r} ({one_line(e)})") \
+            from None
+    try:
+        space = env.action_space
+        if isinstance(space, gymnasium.spaces.Discrete):
+            discrete, action_dim = True, int(space.n)
+        elif isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
+            if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+                raise UserError(f"{task}'s action bounds are not finite ({space}); the actor's "
+                                f"actions in [−1, 1] are scaled onto the bounds")
+            discrete, action_dim = False, int(space.shape[0])
+        else:
+            raise UserError(f"{task} has the action space {space}; this agent takes Discrete "
+                            f"or a one-dimensional Box")
+        obs_space = env.observation_space
+        return {"discrete": discrete, "action_dim": action_dim,
+                "max_episode_steps": env.spec.max_episode_steps if env.spec else None,
+                "state": isinstance(obs_space, gymnasium.spaces.Box),
+                "observation_space": str(obs_space),
+                "pixels": "rgb_array" in env.metadata.get("render_modes", ())}
+    finally:
+        with contextlib.suppress(Exception):
+            env.close()
+
+
+class GymEnv:
+    """Not in the paper: any Gymnasium environment, --env gym:ID (gymnasium.make(ID); ID may be
+    'module:Name', whose module registers your own environment). Box actions: the actor's
+    [−1, 1]^A scaled onto the bounds; Discrete: one-hot actions (the one-hot actor). --obs state:
+    the observation (a Box) flattened to float32 [O]; --obs pixels: env.render() (rgb_array)
+    resized to 64×64 like Atari's frames. terminated is terminal; truncated (the environment's
+    time limit, or ours: time_limit) is done but not terminal. Seeded once, with reset(seed=...)
+    when made; later episodes go on with the environment's own RNG (checkpointed)."""
+
+    can_end_early = True                 # unknown in general: a Gymnasium env may end any time
+
+    def __init__(self, task, action_repeat=2, time_limit=1000, seed=0, obs="state"):
+        import gymnasium
+        self.task, self.obs_mode = task, obs
+        self.info = probe_gym(task)
+        # rgb_array frames are drawn only when asked: every step with --obs pixels, for a
+        # person's video (plot.py) with --obs state.
+        self.env = gymnasium.make(task[len("gym:"):], max_episode_steps=time_limit,
+                                  **({"render_mode": "rgb_array"} if self.info["pixels"] else {}))
+        self.discrete, self.action_dim = self.info["discrete"], self.info["action_dim"]
+        if not self.discrete:
+            self.low = self.env.action_space.low.astype(np.float64)
+            self.high = self.env.action_space.high.astype(np.float64)
+        self.action_repeat, self.time_limit, self.max_env_steps = action_repeat, time_limit, \
+            time_limit
+        self.random_state = _GeneratorState(lambda: self.env.unwrapped.np_random)
+        first, _ = self.env.reset(seed=seed)          # the one seeding; its episode is unused
+        self.obs_shape = np.shape(self.observe(first))
+        self.steps = 0
+
+    def observe(self, obs):
+        if self.obs_mode == "state":
+            return np.asarray(obs, np.float32).ravel()                 # [O]
+        return self.render()
+
+    def render(self):
+        """The frame a person would see: env.render() (rgb_array) at 64×64, uint8 [3, 64, 64]."""
+        if not self.info["pixels"]:
+            raise UserError(f"{self.task} does not render rgb_array frames")
+        frame = np.asarray(self.env.render())                          # [H, W, 3] uint8
+        image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+        image = F.interpolate(image, size=(64, 64), mode="bilinear", antialias=True)
+        return image[0].round().clamp(0, 255).to(torch.uint8).numpy()   # [3, 64, 64]
+
+    def sample_action(self):
+        """A uniformly random action (the seed episodes), from numpy's global RNG."""
+        if self.discrete:
+            return np.eye(self.action_dim, dtype=np.float32)[np.random.randint(self.action_dim)]
+        return np.random.uniform(-1, 1, self.action_dim)
+
+    def reset(self):
+        self.steps = 0
+        obs, _ = self.env.reset()
+        return self.observe(obs)
+
+    def step(self, action):
+        """→ (obs, reward summed over the repeats, done, terminal = terminated). Raises Diverged
+        for a non-finite action."""
+        action = np.asarray(action, np.float64)
+        if not np.isfinite(action).all():
+            raise Diverged(f"the policy sent a non-finite action to {self.task} at env step "
+                           f"{self.steps} of an episode")
+        if self.discrete:
+            action = int(action.argmax()) + int(self.env.action_space.start)
+        else:
+            action = (self.low + (action + 1) / 2 * (self.high - self.low)).astype(
+                self.env.action_space.dtype)
+        reward, terminated, truncated = 0.0, False, False
+        for _ in range(self.action_repeat):
+            obs, r, terminated, truncated, _ = self.env.step(action)
+            reward += float(r)
+            self.steps += 1
+            if terminated or truncated or self.steps >= self.time_limit:
+                break
+        done = terminated or truncated or self.steps >= self.time_limit
+        return self.observe(obs), reward, done, bool(terminated)
+
+
+def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048, training=True,
+             obs="pixels"):
+    """The public entry point for environments: DMCEnv, AtariEnv for atari_GAME (where a lost
+    life ends only training episodes, training=True), or GymEnv for gym:ID; obs: pixels or
+    state. Raises UserError for an unknown task and for a simulator that cannot be set up (e.g.
+    dm_control's ImportError or RuntimeError when no renderer works)."""
     try:
         if is_atari(task):
             return AtariEnv(parse_task(task)[1], action_repeat=action_repeat,
                             time_limit=time_limit, seed=seed, life_done=training)
+        if is_gym(task):
+            return GymEnv(task, action_repeat=action_repeat, time_limit=time_limit, seed=seed,
+                          obs=obs)
         return DMCEnv(task, action_repeat=action_repeat, time_limit=time_limit, seed=seed,
-                      shadow_size=shadow_size)
+                      shadow_size=shadow_size, obs=obs)
     except UserError:
         raise
     except Exception as e:
@@ -1513,7 +1773,7 @@ def run_episode(env, policy):
         rows["reward"].append(reward)                  # … r_t received with it …
         rows["terminal"].append(terminal)              # … and whether o_t ended the episode
         total += reward
-    episode = {"obs": np.stack(rows["obs"]).astype(np.uint8),
+    episode = {"obs": np.stack(rows["obs"]),          # uint8 pixels or float32 state
                "action": np.stack(rows["action"]).astype(np.float32),
                "reward": np.asarray(rows["reward"], np.float32),
                "terminal": np.asarray(rows["terminal"], bool)}
@@ -1664,13 +1924,13 @@ class Trainer:
         self.check_logdir()
         seed_everything(cfg.seed)
         self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed,
-                            shadow_size=cfg.shadow_size)
+                            shadow_size=cfg.shadow_size, obs=cfg.obs)
         check_task_fits(cfg, task, self.env.max_env_steps, self.env.can_end_early)
         # A separate environment for evaluation, so evaluating leaves training's RNG alone.
         self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit,
                                  seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size,
-                                 training=False)
-        self.agent = Dreamer(cfg, self.env.action_dim, device)
+                                 training=False, obs=cfg.obs)
+        self.agent = Dreamer(cfg, self.env.action_dim, device, self.env.obs_shape)
         self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed)
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
                          "phase_updates": 0, "next_checkpoint": cfg.checkpoint_every}
@@ -2004,7 +2264,7 @@ def filter_and_predict(wm, obs, action, context):
     L = obs.shape[1]
     if not 0 < context < L:
         raise UserError(f"an open-loop chunk needs more than {context} rows, got {L}")
-    s = wm.rssm.observe(wm.encoder(preprocess(obs)), action)           # posterior: [N, L, ·]
+    s = wm.rssm.observe(wm.encoder(preprocess(obs, wm.state_transform)), action)   # [N, L, ·]
     filtered = torch.cat([s["z"], s["h"]], -1)                          # [N, L, F]
     z, h = s["z"][:, context - 1], s["h"][:, context - 1]               # s_{C−1}: [N, Z], [N, D]
     predicted = [filtered[:, :context]]
@@ -2028,6 +2288,16 @@ def decode_image(wm, feat):
     return ((wm.decoder(feat) + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def decode_observation(wm, feat):
+    """The decoder's mean observation: an image as decode_image gives it, or (--obs state) the
+    state vector in the environment's own units, float [..., O] (symexp undoes symlog)."""
+    if len(wm.obs_shape) == 3:
+        return decode_image(wm, feat)
+    require_decoder(wm)
+    mean = wm.decoder(feat)
+    return symexp(mean) if wm.state_transform == "symlog" else mean
+
+
 @torch.no_grad()
 def open_loop(wm, episode, start=0, length=50, context=5):
     """[official code: its "openl" video summaries] One replay chunk, seen for its first
@@ -2037,13 +2307,17 @@ def open_loop(wm, episode, start=0, length=50, context=5):
     keep. episode: replay dict (obs uint8 [T+1, 3, 64, 64], action [T+1, A], reward [T+1]).
     → dict of numpy arrays over the chunk's L = `length` rows: obs and model (uint8
     [L, 3, 64, 64]), reward and reward_pred [L] (both tanh(r) where the model learned tanh(r));
-    rows < context are reconstructions."""
+    rows < context are reconstructions. With state vectors (--obs state) obs and model are
+    float [L, O], and filtered [L, O] holds the posterior's decoded states beside them."""
     device = next(wm.parameters()).device
     chunk = {k: torch.as_tensor(np.asarray(v)[start:start + length], device=device)
              for k, v in episode.items()}
-    _, feat = filter_and_predict(wm, chunk["obs"][None], chunk["action"][None], context)
+    filtered, feat = filter_and_predict(wm, chunk["obs"][None], chunk["action"][None], context)
     feat = feat[0]                                                      # [L, F]
-    return {"obs": chunk["obs"].cpu().numpy(), "model": decode_image(wm, feat).cpu().numpy(),
+    state = {} if len(wm.obs_shape) == 3 else {
+        "filtered": decode_observation(wm, filtered[0]).cpu().numpy()}
+    return {"obs": chunk["obs"].cpu().numpy(), **state,
+            "model": decode_observation(wm, feat).cpu().numpy(),
             "reward": model_reward(wm, chunk["reward"]).cpu().numpy(),
             "reward_pred": wm.reward(feat).cpu().numpy(), "context": context}
 
@@ -2071,11 +2345,11 @@ def prediction_error(wm, episodes, horizon=45, context=5, stride=10):
         batch = {k: torch.as_tensor(np.stack([c[k] for c in chunks[i:i + 64]]), device=device)
                  for k in ("obs", "action", "reward")}                   # [N, L, ...]
         filtered, predicted = filter_and_predict(wm, batch["obs"], batch["action"], context)
-        real = preprocess(batch["obs"][:, context:])                    # [N, H, 3, 64, 64]
+        real = preprocess(batch["obs"][:, context:], wm.state_transform)   # [N, H, 3, 64, 64]
         real_reward = model_reward(wm, batch["reward"][:, context:])    # [N, H]
         for name, feat in (("open", predicted[:, context:]), ("filtered", filtered[:, context:])):
             image = wm.decoder(feat)                                    # mean, in [−½, ½]
-            out[f"image_{name}"].append(((image - real) ** 2).mean((2, 3, 4)))        # [N, H]
+            out[f"image_{name}"].append(((image - real) ** 2).flatten(2).mean(-1))    # [N, H]
             out[f"reward_{name}"].append((wm.reward(feat) - real_reward).abs())
     result = {k: torch.cat(v).mean(0).cpu().numpy() for k, v in out.items()}  # [H] each
     return {**result, "chunks": len(chunks)}
@@ -2089,7 +2363,9 @@ def load_agent(logdir, device="cpu"):
     try:
         task, cfg, state = read_run(logdir, device)
         action_dim = state["world_model"]["rssm.img_in.weight"].shape[1] - cfg.stoch_size
-        agent = Dreamer(cfg, action_dim, device)
+        obs_shape = ((3, 64, 64) if cfg.obs == "pixels" else   # state: the encoder's input size
+                     (state["world_model"]["encoder.net.0.0.weight"].shape[1],))
+        agent = Dreamer(cfg, action_dim, device, obs_shape)
         for name, module in agent.modules().items():
             module.load_state_dict(state[name])
         state["counters"]["updates"], state["last"]["eval/return"]   # read by evaluate_run
@@ -2129,18 +2405,44 @@ def export_agent(logdir, out):
         raise UserError(f"cannot write the agent to {out} ({one_line(e)})") from None
 
 
-def play(task, cfg, agent, episodes):
+def play(task, cfg, agent, episodes, frames=False):
     """Episodes of an agent's policy (its mode, no exploration noise) on new initial states, as
     a run's evaluations play them (cfg: the run's Config, agent: from load_agent) → a generator
     of (episode dict as in run_episode, return). Initial states come from seed + 20,000, a
     stream that neither the run's training (seed) nor its evaluations (seed + 10,000) used;
-    torch is seeded alike, because act() samples z_t."""
+    torch is seeded alike, because act() samples z_t. frames=True adds each episode's rendered
+    frames, "frames" uint8 [T+1, 3, 64, 64] (for pictures of a state run)."""
     env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed + REEVAL_SEED_OFFSET,
-                   shadow_size=cfg.shadow_size, training=False)
+                   shadow_size=cfg.shadow_size, training=False, obs=cfg.obs)
+    if frames:
+        env = _Recording(env)
     seed_everything(cfg.seed + REEVAL_SEED_OFFSET)
     for _ in range(episodes):
         episode, ret = run_episode(env, lambda obs, s: agent.act(obs, s, explore=False))
+        if frames:
+            episode["frames"] = np.stack(env.frames)                    # [T+1, 3, 64, 64]
         yield episode, float(ret)
+
+
+class _Recording:
+    """An environment that also keeps the frame a person would see after each reset and step
+    (render()), for pictures of an agent that sees state vectors."""
+
+    def __init__(self, env):
+        self.env, self.frames = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def reset(self):
+        obs = self.env.reset()
+        self.frames = [self.env.render()]
+        return obs
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.frames.append(self.env.render())
+        return out
 
 
 def read_run(logdir, device="cpu"):
@@ -2289,13 +2591,15 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
     rate with the policy acting in the real environment. Prints a breakdown, then one JSON line."""
     seed_everything(cfg.seed)
     env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed,
-                   shadow_size=cfg.shadow_size)
-    agent = Dreamer(cfg, env.action_dim, device)
+                   shadow_size=cfg.shadow_size, obs=cfg.obs)
+    agent = Dreamer(cfg, env.action_dim, device, env.obs_shape)
     rows = min(cfg.time_limit // cfg.action_repeat, 1000) + 1
     rng = np.random.default_rng(cfg.seed)
     replay = ReplayBuffer(seed=cfg.seed)
     for _ in range(2):
-        replay.add({"obs": rng.integers(0, 256, (rows, 3, 64, 64), dtype=np.uint8),
+        obs = (rng.integers(0, 256, (rows, 3, 64, 64), dtype=np.uint8) if cfg.obs == "pixels"
+               else rng.normal(size=(rows, *env.obs_shape)).astype(np.float32))
+        replay.add({"obs": obs,
                     "action": rng.uniform(-1, 1, (rows, env.action_dim)).astype(np.float32),
                     "reward": rng.normal(size=rows).astype(np.float32),
                     "terminal": np.zeros(rows, bool)})
@@ -2344,15 +2648,17 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
             obs, state = env.reset(), None
     env_steps_per_s = collect_steps * cfg.action_repeat / (time.perf_counter() - t)
     # Replay memory: one row per agent step, uint8 image + float32 action and reward.
-    row_bytes = 3 * 64 * 64 + 4 * env.action_dim + 4
+    row_bytes = int(np.prod(env.obs_shape)) * (1 if cfg.obs == "pixels" else 4) \
+        + 4 * env.action_dim + 4
     replay_gb = 1e6 / cfg.action_repeat * row_bytes / 1e9
     for k in ("sample_s", "world_model_s", "actor_s", "value_s", "update_s"):
         print(f"  median {k:15s} {median[k]:7.3f} s")
     print(f"  peak memory during updates: {peak / 2**30:.2f} GiB "
           f"({'GPU allocated' if agent.device.type == 'cuda' else 'process resident'})")
     print(f"  collection with the policy: {env_steps_per_s:.0f} env steps/s")
-    print(f"  replay RAM per 1e6 env steps: {replay_gb:.2f} GB (uint8 images)")
-    result = {**{k: round(v, 4) for k, v in median.items()},
+    print(f"  replay RAM per 1e6 env steps: {replay_gb:.2f} GB "
+          f"({'uint8 images' if cfg.obs == 'pixels' else 'float32 state vectors'})")
+    result = {**{k: round(v, 4) for k, v in median.items()}, "obs": cfg.obs,
               "env_steps_per_s": round(env_steps_per_s, 1), "device": str(agent.device),
               "cpu_isa": isa, "threads": torch.get_num_threads(), "precision": cfg.precision,
               "peak_memory_bytes": peak, "replay_gb_per_1m_env_steps": round(replay_gb, 3),
@@ -2519,11 +2825,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = _Parser(description="Dreamer (Hafner et al., ICLR 2020) on DeepMind Control and Atari "
-                            "from pixels.")
+                            "from pixels; from state vectors, and on Gymnasium environments.")
     # --env and --preset default to None so that --evaluate can tell that they were given.
     p.add_argument("--env", default=None,
-                   help="DMC task as domain_task, e.g. reacher_easy or cup_catch, or an "
-                        "Atari game as atari_GAME, e.g. atari_pong (default: reacher_easy)")
+                   help="DMC task as domain_task, e.g. reacher_easy or cup_catch, an Atari "
+                        "game as atari_GAME, e.g. atari_pong, or a Gymnasium environment as "
+                        "gym:ID or gym:module:ID, e.g. gym:Pendulum-v1 (default: reacher_easy)")
     p.add_argument("--preset", default=None,
                    help=f"named configuration: {', '.join(PRESETS)} (default: paper); "
                         f"flags below override it")
@@ -2548,6 +2855,23 @@ def build_parser():
         p.add_argument(f"--{f.name}", type=f.type,
                        default=None, help=f"{f.metadata['help']} [default: {f.default}]")
     return p
+
+
+def gym_base(task, given):
+    """The settings a gym:ID task brings, under any preset: its own time limit (a --time_limit
+    given replaces it), the one-hot actor for a Discrete action space, and (Gymnasium
+    environments may end early: CartPole's pole falls) the discount predictor, weight 10 as on
+    Atari [official code]; --discount_scale 0 turns it off for one that never ends early."""
+    info = probe_gym(task)
+    values = {"discount_scale": 10.0}
+    if info["discrete"]:
+        values["actor_dist"] = "onehot"
+    if info["max_episode_steps"]:
+        values["time_limit"] = int(info["max_episode_steps"])
+    elif "--time_limit" not in given:
+        raise UserError(f"{task} has no time limit of its own (max_episode_steps); pass "
+                        f"--time_limit N (env steps)")
+    return values
 
 
 def parse_args(argv=None):
@@ -2579,8 +2903,11 @@ def parse_args(argv=None):
         raise UserError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
     if args.preset == "atari" and not is_atari(args.env):
         raise UserError(f"--preset atari is for atari_ tasks, not {args.env}")
-    # Atari's settings (the paper's discrete ones) are the base for atari_ tasks, under any preset.
+    # Atari's settings (the paper's discrete ones) are the base for atari_ tasks, under any
+    # preset; a Gymnasium task's base is its own time limit and kind of actions (gym_base).
     values = dict(PRESETS["atari"]) if is_atari(args.env) else {}
+    if is_gym(args.env):
+        values = gym_base(args.env, given)
     values.update(PRESETS[args.preset])
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                    if getattr(args, f.name) is not None})
@@ -2617,9 +2944,10 @@ def parse_args(argv=None):
             if getattr(args, f.name) is not None:
                 args.arm_flags += [f"--{f.name}", str(getattr(args, f.name))]
         if args.logdir is None:
-            args.logdir = os.path.join("runs", f"ablation-{args.ablation}-{args.env}-{args.preset}")
+            args.logdir = os.path.join("runs", f"ablation-{args.ablation}-"
+                                               f"{args.env.replace(':', '-')}-{args.preset}")
     if args.logdir is None:
-        args.logdir = os.path.join("runs", f"{args.env}-{args.preset}-s{cfg.seed}")
+        args.logdir = os.path.join("runs", f"{args.env.replace(':', '-')}-{args.preset}-s{cfg.seed}")
     return cfg, args
 
 

@@ -69,7 +69,7 @@ def load_run(run):
                   for k, v in series.items()}
 
 
-def load_episodes(run, episode, count):
+def load_episodes(run, episode, count, video=False):
     """The run's agent (dreamer.load_agent) and the episodes the pictures show: `count` new
     episodes of its policy (episode None) or its replay file number `episode`. → (dreamer module,
     Config, agent, [(episode dict, return)], source as words). Exits with one line on errors."""
@@ -80,7 +80,9 @@ def load_episodes(run, episode, count):
         task, cfg, agent, _ = dreamer.load_agent(run)
         dreamer.require_decoder(agent.world_model)   # before playing: nothing to draw without
         if episode is None:
-            episodes = list(dreamer.play(task, cfg, agent, count))
+            # A state run's video shows the frames a person sees beside the state curves.
+            frames = video and cfg.obs == "state"
+            episodes = list(dreamer.play(task, cfg, agent, count, frames=frames))
             return dreamer, cfg, agent, episodes, (f"{count} new episode{'s' * (count > 1)} "
                                                    f"of its policy")
         files = sorted((run / "episodes").glob("*.npz"))
@@ -108,6 +110,14 @@ def draw_open_loop(dreamer, wm, cfg, episodes, source, start, title, out):
                                          horizon=min(45, rows - 5), context=5)
     except dreamer.UserError as e:
         raise SystemExit(f"plot.py: error: {e}") from None
+    first = source if len(episodes) == 1 else f"the first of {source}"
+    state = r["obs"].ndim == 2                              # state vectors (--obs state)
+    (draw_state_open_loop if state else draw_image_open_loop)(r, start, first, title, out)
+    draw_error(error, cfg, source, title, state, out)
+
+
+def draw_image_open_loop(r, start, first, title, out):
+    """Real frames, predicted frames, their difference, and real vs predicted rewards."""
     L, C = len(r["reward"]), r["context"]
     cols = np.linspace(0, L - 1, 10).round().astype(int)
     fig = plt.figure(figsize=(12, 6.2))
@@ -131,28 +141,63 @@ def draw_open_loop(dreamer, wm, cfg, episodes, source, start, title, out):
     ax.set_xlabel("agent step in the episode")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    first = source if len(episodes) == 1 else f"the first of {source}"
     fig.suptitle(f"{title}: {first}, {C} frames reconstructed, then open loop", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
 
+
+def draw_state_open_loop(r, start, first, title, out, most=12):
+    """Per state dimension (the first `most`): the real values, the open-loop prediction and the
+    filtered one (posterior, every observation seen), in the environment's units; then rewards."""
+    L, C, O = len(r["reward"]), r["context"], r["obs"].shape[1]
+    dims = min(O, most)
+    cols = 3
+    rows = -(-(dims + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.2 * rows), squeeze=False)
+    steps = start + np.arange(L)
+    panels = [(f"state[{i}]", r["obs"][:, i], r["model"][:, i], r["filtered"][:, i])
+              for i in range(dims)] + [("reward", r["reward"], r["reward_pred"], None)]
+    for ax, (name, real, model, filtered) in zip(axes.flat, panels):
+        ax.plot(steps, real, color="black", label="real")
+        ax.plot(steps, model, color="crimson", label="open loop (prior)")
+        if filtered is not None:
+            ax.plot(steps, filtered, color="grey", ls="--", label="filtered (posterior)")
+        ax.axvspan(start, start + C - 0.5, color="grey", alpha=0.2)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    shown = "" if dims == O else f" (the first {dims} of {O} dimensions)"
+    fig.suptitle(f"{title}: {first}, {C} states seen (shaded), then open loop{shown}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+def draw_error(error, cfg, source, title, state, out):
+    """The prediction error against the horizon, printed and drawn (out's stem + -error)."""
+    seen = "state" if state else "image"
     k = np.arange(1, len(error["image_open"]) + 1)
-    print(f"prediction error against the horizon k (steps after the last of 5 seen images), "
+    print(f"prediction error against the horizon k (steps after the last of 5 seen {seen}s), "
           f"{error['chunks']} chunks of {source}:")
-    print("    k | image MSE open loop  filtered | reward |error| open loop  filtered")
+    print(f"    k | {seen} MSE open loop  filtered | reward |error| open loop  filtered")
     for i in [i for i in (1, 2, 5, 10, 15, 20, 30, 45) if i <= len(k)]:
         print(f"  {i:3d} | {error['image_open'][i - 1]:19.5f} {error['image_filtered'][i - 1]:9.5f}"
               f" | {error['reward_open'][i - 1]:26.4f} {error['reward_filtered'][i - 1]:9.4f}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, kind, label in ((axes[0], "image", "image: per-pixel MSE (pixels in [0, 1])"),
+    first = ("state: per-entry MSE (as the model sees it)" if state
+             else "image: per-pixel MSE (pixels in [0, 1])")
+    for ax, kind, label in ((axes[0], "image", first),
                             (axes[1], "reward", "reward: mean |predicted − real|")):
         ax.plot(k, error[f"{kind}_open"], marker=".", color="crimson",
                 label="open loop (prior, actions only)")
         ax.plot(k, error[f"{kind}_filtered"], marker=".", color="black",
-                label="filtered (posterior, image seen)")
+                label=f"filtered (posterior, {seen} seen)")
         ax.axvline(cfg.horizon, color="grey", ls="--", label=f"imagination horizon H = {cfg.horizon}")
-        ax.set_xlabel("k: steps after the last seen image")
+        ax.set_xlabel(f"k: steps after the last seen {seen}")
         ax.set_title(label, fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -173,6 +218,8 @@ def write_video(dreamer, wm, episode, ret, length, out, scale=2):
     import torch
     from PIL import Image, ImageDraw
     torch.manual_seed(0)
+    if np.ndim(episode["obs"]) == 2:                        # state vectors (--obs state)
+        return write_state_video(dreamer, wm, episode, ret, length, out, scale)
     rows = min(len(episode["reward"]), length or len(episode["reward"]))
     frames = []
     for start in range(0, rows - 50 + 1, 50):
@@ -194,6 +241,62 @@ def write_video(dreamer, wm, episode, ret, length, out, scale=2):
             frames.append(frame)
     if not frames:
         raise SystemExit(f"plot.py: error: a video needs at least 50 agent steps, got {rows}")
+    save_gif(frames, out)
+    print(f"wrote {out}: {len(frames)} frames of an episode whose whole return is {ret:.1f}")
+
+
+def write_state_video(dreamer, wm, episode, ret, length, out, scale=2):
+    """A state run's episode as a GIF: the frame a person sees (the agent saw only the state
+    vector) beside the state curves, real and predicted open loop in 50-step chunks after 5 seen
+    states each (as write_video), with a cursor at the current step."""
+    import torch
+    from PIL import Image
+    if "frames" not in episode:
+        raise SystemExit("plot.py: error: a replay episode of a state run holds no frames to "
+                         "show; drop --episode to play a new episode")
+    torch.manual_seed(0)
+    rows = min(len(episode["reward"]), length or len(episode["reward"]))
+    chunks = [dreamer.open_loop(wm, episode, start=s, length=50, context=5)
+              for s in range(0, rows - 50 + 1, 50)]
+    if not chunks:
+        raise SystemExit(f"plot.py: error: a video needs at least 50 agent steps, got {rows}")
+    real = np.concatenate([c["obs"] for c in chunks])                  # [T, O]
+    model = np.concatenate([c["model"] for c in chunks])
+    dims = min(real.shape[1], 6)
+    height = 64 * scale
+    fig, axes = plt.subplots(dims, 1, figsize=(4.5, height * 1.6 / 100), dpi=100, sharex=True,
+                             squeeze=False)
+    cursors = []
+    for i, ax in enumerate(axes[:, 0]):
+        ax.plot(real[:, i], color="black", lw=1)
+        ax.plot(model[:, i], color="crimson", lw=1)
+        ax.set_ylabel(f"[{i}]", fontsize=6)
+        ax.tick_params(labelsize=5)
+        cursors.append(ax.axvline(0, color="grey", lw=0.8))
+    axes[0, 0].set_title("state: real (black), open loop (red)", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    frames = []
+    for t in range(len(real)):
+        for cursor in cursors:
+            cursor.set_xdata([t, t])
+        fig.canvas.draw()
+        chart = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+        image = Image.fromarray(episode["frames"][t].transpose(1, 2, 0)).resize(
+            (64 * scale, 64 * scale), Image.NEAREST)
+        chart = chart.resize((int(chart.width * image.height * 1.6 / chart.height),
+                              int(image.height * 1.6)))
+        frame = Image.new("RGB", (image.width + 4 + chart.width, chart.height), "white")
+        frame.paste(image, (0, (chart.height - image.height) // 2))
+        frame.paste(chart, (image.width + 4, 0))
+        frames.append(frame)
+    plt.close(fig)
+    save_gif(frames, out)
+    print(f"wrote {out}: {len(frames)} frames of an episode whose whole return is {ret:.1f}")
+
+
+def save_gif(frames, out):
+    """PIL images → an animated GIF at 20 frames a second, looping."""
+    from PIL import Image
     # One palette for all frames, from a sample of them, keeps the file small (a few MB for a
     # whole 500-step episode) and the colours steady.
     sample = frames[::max(1, len(frames) // 8)]
@@ -203,7 +306,6 @@ def write_video(dreamer, wm, episode, ret, length, out, scale=2):
     palette = montage.quantize(colors=256, dither=0)                   # 0: no dithering
     frames = [frame.quantize(palette=palette, dither=0) for frame in frames]
     frames[0].save(out, save_all=True, append_images=frames[1:], duration=50, loop=0)
-    print(f"wrote {out}: {len(frames)} frames of an episode whose whole return is {ret:.1f}")
 
 
 def main(argv=None):
@@ -335,7 +437,8 @@ def world_model_pictures(args):
     if unused:
         raise SystemExit(f"plot.py: error: {unused[0]} does nothing here (see --help)")
     run = Path(args.runs[0])
-    dreamer, cfg, agent, episodes, source = load_episodes(run, args.episode, args.episodes)
+    dreamer, cfg, agent, episodes, source = load_episodes(run, args.episode, args.episodes,
+                                                          video=args.video)
     wm = agent.world_model.eval()
     try:
         if args.openloop:

@@ -2445,3 +2445,298 @@ def test_each_exercise_fails_its_graders_until_its_body_is_back(name, tmp_path):
     assert outcomes and proc.returncode == 1, proc.stdout[-2000:]
     passed = [t for t, tags in outcomes.items() if not {"failure", "error", "skipped"} & set(tags)]
     assert not passed, f"graders of {name} that pass without it: {passed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Not in the paper: state vectors (--obs state) and your own environment (--env gym:ID)
+# ---------------------------------------------------------------------------------------------
+
+def state_config(**overrides):
+    return tiny_config(obs="state", **overrides)
+
+
+def test_dense_encoder_and_decoder_shapes_and_j_o_is_the_gaussian_log_likelihood():
+    """J_O for a state vector is ln N(o_t; ô_t, I) summed over its O entries (without the
+    constant), averaged over B·L, as for images; with symlog the encoder reads, and the decoder
+    predicts, symlog(o)."""
+    B, L, O = 3, 6, 5
+    g = torch.Generator().manual_seed(1)
+    batch = {"obs": torch.randn(B, L, O, generator=g) * 4, "action": torch.rand(B, L, 2) * 2 - 1,
+             "reward": torch.randn(B, L, generator=g)}
+    for transform in ("none", "symlog"):
+        cfg = state_config(state_transform=transform)
+        wm = d.WorldModel(cfg, 2, obs_shape=(O,))
+        assert isinstance(wm.encoder, d.DenseEncoder) and isinstance(wm.decoder, d.DenseDecoder)
+        assert wm.encoder(batch["obs"]).shape == (B, L, cfg.units)
+        feat = torch.randn(B, L, cfg.stoch_size + cfg.deter_size)
+        assert wm.decoder(feat).shape == (B, L, O)
+        seen, mean = [], torch.randn(B, L, O, generator=g)
+        encode = wm.encoder.forward
+        wm.encoder.forward = lambda x: (seen.append(x), encode(x))[1]
+        wm.decoder.forward = lambda feat: mean
+        _, metrics, _, _ = d.world_model_loss(wm, batch, cfg)
+        o = batch["obs"].double()
+        target = torch.sign(o) * torch.log1p(o.abs()) if transform == "symlog" else o
+        torch.testing.assert_close(seen[0].double(), target)
+        log_lik = torch.distributions.Normal(mean.double(), 1.0).log_prob(target) \
+            + 0.5 * math.log(2 * math.pi)
+        expected = -log_lik.sum() / (B * L)
+        assert metrics["model/image_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_state_world_model_learns_and_the_pixel_one_is_unchanged():
+    """--obs state swaps only the encoder and decoder: RSSM, reward model, actor and value model
+    have the parameter counts of the pixel agent at the same sizes."""
+    pixel, state = d.Dreamer(tiny_config(), 2), d.Dreamer(state_config(), 2, obs_shape=(6,))
+    for part in ("actor", "value"):
+        assert d.count_parameters(getattr(pixel, part)) == d.count_parameters(getattr(state, part))
+    wp, ws = pixel.world_model, state.world_model
+    assert d.count_parameters(wp.reward) == d.count_parameters(ws.reward)
+    assert d.count_parameters(ws.rssm) == d.count_parameters(d.RSSM(tiny_config(), 2, tiny_config().units))
+    assert isinstance(wp.encoder, d.Encoder) and isinstance(wp.decoder, d.Decoder)
+    with pytest.raises(ValueError, match="does not fit"):
+        d.WorldModel(state_config(), 2, obs_shape=(3, 64, 64))
+
+
+def test_dmc_state_is_the_observation_dict_flattened_in_spec_order_and_nothing_is_rendered():
+    from dm_control import suite
+    env = d.make_env("reacher_easy", time_limit=20, seed=5, obs="state")
+    env.render = lambda: pytest.fail("state mode must not render")
+    twin = suite.load("reacher", "easy", task_kwargs={"random": 5})
+    assert list(twin.observation_spec()) == ["position", "to_target", "velocity"]
+    obs, ts = env.reset(), twin.reset()
+    flat = lambda ts: np.concatenate([ts.observation[k] for k in ("position", "to_target",
+                                                                  "velocity")])
+    assert obs.dtype == np.float32 and obs.shape == (6,) == env.obs_shape
+    np.testing.assert_allclose(obs, flat(ts), rtol=1e-6)
+    action = np.array([0.3, -0.7])
+    obs, reward, done, terminal = env.step(action)
+    ts2 = twin.step(action), twin.step(action)
+    np.testing.assert_allclose(obs, flat(ts2[1]), rtol=1e-6)
+    assert reward == pytest.approx(ts2[0].reward + ts2[1].reward) and not terminal
+    cartpole = d.make_env("cartpole_swingup", obs="state")
+    assert cartpole.obs_shape == (5,)                    # position 3, velocity 2
+
+
+# A user's own Gymnasium environments, in a module of their own (registered on import).
+USER_ENVS = '''
+import gymnasium as gym
+import numpy as np
+
+class Line(gym.Env):
+    """A point on a line: ends (terminated) past |x| > 2; the time limit truncates."""
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Box(np.array([-2.0, 0.0], np.float32),
+                                  np.array([2.0, 10.0], np.float32))
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, render_mode=None, push=0.0):
+        self.render_mode, self.push, self.received = render_mode, push, []
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = float(self.np_random.uniform(-0.5, 0.5))
+        return np.array([self.x, 0.0], np.float32), {}
+
+    def step(self, action):
+        self.received.append(np.array(action))
+        self.x += 0.1 * float(action[0]) + self.push
+        return (np.array([self.x, 1.0], np.float32), -abs(self.x), abs(self.x) > 2, False, {})
+
+    def render(self):
+        image = np.zeros((32, 32, 3), np.uint8)
+        image[:, int(np.clip(8 * (self.x + 2), 0, 31))] = 255
+        return image
+
+class Coins(gym.Env):
+    observation_space = gym.spaces.Dict({"a": gym.spaces.Box(0, 1, (2,))})
+    action_space = gym.spaces.Discrete(3)
+
+gym.register(id="Line-v0", entry_point="dreamer_user_envs:Line", max_episode_steps=40)
+gym.register(id="Push-v0", entry_point="dreamer_user_envs:Line", max_episode_steps=40,
+             kwargs={"push": 0.2})
+gym.register(id="Endless-v0", entry_point="dreamer_user_envs:Line")
+gym.register(id="Coins-v0", entry_point="dreamer_user_envs:Coins", max_episode_steps=400)
+'''
+
+
+@pytest.fixture
+def user_envs(tmp_path, monkeypatch):
+    (tmp_path / "dreamer_user_envs.py").write_text(USER_ENVS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_gym_box_actions_are_scaled_onto_the_bounds_and_terminated_is_terminal(user_envs):
+    env = d.make_env("gym:dreamer_user_envs:Line-v0", action_repeat=1, time_limit=40, seed=0,
+                     obs="state")
+    assert env.obs_shape == (2,) and env.action_dim == 2 and not env.discrete
+    env.reset()
+    for action, expected in ([-1, 1], [-2, 10]), ([1, -1], [2, 0]), ([0, 0], [0, 5]):
+        env.step(np.array(action, np.float64))
+        np.testing.assert_allclose(env.env.unwrapped.received[-1], expected)
+    push = d.make_env("gym:dreamer_user_envs:Push-v0", action_repeat=2, time_limit=40, seed=0,
+                      obs="state")
+    push.reset()
+    results = [push.step(np.zeros(2))]
+    while not results[-1][2]:
+        results.append(push.step(np.zeros(2)))
+    assert results[-1][3] and not any(r[3] for r in results[:-1])    # terminated: terminal
+    line = d.make_env("gym:dreamer_user_envs:Line-v0", action_repeat=2, time_limit=40, seed=0,
+                      obs="state")
+    episode, _ = d.run_episode(line, lambda obs, s: (np.array([0.0, -1.0]), None))
+    assert len(episode["reward"]) == 21 and not episode["terminal"].any()   # truncated: not
+    assert episode["obs"].dtype == np.float32
+    pixels = d.make_env("gym:dreamer_user_envs:Line-v0", time_limit=40, obs="pixels")
+    assert pixels.reset().shape == (3, 64, 64) and pixels.reset().dtype == np.uint8
+
+
+def test_gym_tasks_bring_their_time_limit_and_kind_of_actions(user_envs):
+    cfg, args = d.parse_args(["--env", "gym:CartPole-v1", "--obs", "state"])
+    assert cfg.time_limit == 500 and cfg.actor_dist == "onehot" and cfg.discount_scale == 10
+    assert args.logdir == os.path.join("runs", "gym-CartPole-v1-paper-s0")
+    cfg, _ = d.parse_args(["--env", "gym:Pendulum-v1", "--preset", "cpu-state",
+                           "--time_limit", "100"])
+    assert cfg.time_limit == 100 and cfg.actor_dist == "tanh_normal" and cfg.obs == "state"
+    cfg, _ = d.parse_args(["--env", "gym:dreamer_user_envs:Endless-v0", "--obs", "state",
+                           "--time_limit", "300"])
+    assert cfg.time_limit == 300
+
+
+GYM_BAD = [
+    (["--env", "gym:NoSuchEnv-v0"], "cannot make the Gymnasium environment 'NoSuchEnv-v0'"),
+    (["--env", "gym:dreamer_user_envs:Coins-v0", "--obs", "state"], "--obs state needs a Box"),
+    (["--env", "gym:CartPole-v1", "--obs", "state", "--actor_dist", "tanh_normal"],
+     "the actor must be onehot"),
+    (["--env", "gym:Pendulum-v1", "--obs", "state", "--epsilon_start", "0.2"], "ε-greedy"),
+    (["--env", "gym:dreamer_user_envs:Endless-v0", "--obs", "state"], "pass --time_limit"),
+    (["--env", "atari_pong", "--obs", "state"], "played from pixels"),
+    (["--state_transform", "symlog"], "applies to state vectors"),
+    (["--obs", "ram"], "--obs must be pixels or state"),
+]
+
+
+@pytest.mark.parametrize("argv,message", GYM_BAD)
+def test_gym_and_state_refusals_are_one_line(argv, message, user_envs, capsys):
+    assert d.main(argv + ["--logdir", str(user_envs / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dreamer.py: error:") and message in err and "\n" not in err
+    assert not (user_envs / "run").exists()
+
+
+def test_gym_refuses_pixels_without_rgb_array_and_names_a_missing_package(monkeypatch, capsys,
+                                                                          tmp_path):
+    d.probe_gym.cache_clear()
+    real = d.probe_gym("gym:CartPole-v1")
+    monkeypatch.setattr(d, "probe_gym", lambda task: {**real, "pixels": False})
+    assert d.main(["--env", "gym:CartPole-v1", "--logdir", str(tmp_path / "r")]) == 2
+    assert "does not render rgb_array frames" in capsys.readouterr().err
+    monkeypatch.undo()
+    d.probe_gym.cache_clear()
+    monkeypatch.setitem(sys.modules, "gymnasium", None)            # as if not installed
+    assert d.main(["--env", "gym:Foo-v0", "--logdir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "need the package gymnasium" in err and "\n" not in err
+    d.probe_gym.cache_clear()
+
+
+GYM_E2E = ["--obs", "state", "--preset", "tiny", "--train_every", "200", "--eval_every", "400",
+           "--checkpoint_every", "400", "--seed", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("task,discrete", [("gym:Pendulum-v1", False), ("gym:CartPole-v1", True)])
+def test_gymnasium_trains_end_to_end_continuous_and_discrete(task, discrete, tmp_path):
+    logdir = tmp_path / "run"
+    proc = run_cli("--env", task, *GYM_E2E, "--steps", "800", "--logdir", str(logdir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = read_metrics(logdir)
+    assert any("model/discount_loss" in m for m in metrics) and any("eval/return" in m for m in metrics)
+    episode = np.load(sorted((logdir / "episodes").glob("*.npz"))[-1])
+    assert episode["obs"].dtype == np.float32 and episode["obs"].shape[1] == (4 if discrete else 3)
+    actions = episode["action"][1:]
+    if discrete:
+        assert set(np.unique(actions)) == {0.0, 1.0} and (actions.sum(1) == 1).all()
+    else:
+        assert np.abs(actions).max() <= 1
+    config = json.loads((logdir / "config.json").read_text())
+    assert config["obs"] == "state" and config["actor_dist"] == ("onehot" if discrete else "tanh_normal")
+
+
+def test_a_users_own_environment_trains_through_the_module_form(user_envs):
+    """gym:module:Name, the module in the current folder (not on PYTHONPATH): imported, its
+    environment registered and trained, and a run resumes."""
+    args = [sys.executable, str(DREAMER_FILE), "--env", "gym:dreamer_user_envs:Line-v0",
+            *GYM_E2E, "--steps", "600", "--logdir", "run"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=user_envs, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (user_envs / "run" / "checkpoint.pt").exists()
+    again = subprocess.run(args[:-3] + ["900", "--logdir", "run"], capture_output=True,
+                           text=True, timeout=300, cwd=user_envs, env=env)
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-2000:]
+
+
+def test_readme_own_environment_example_trains(tmp_path):
+    """The README's "Your own environment" example, as a reader would copy it."""
+    text = (HERE / "README.md").read_text()
+    section = text[text.index("## Your own environment"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    name = re.search(r"^# (\w+)\.py", code, re.M).group(1)
+    (tmp_path / f"{name}.py").write_text(code)
+    command = re.search(r"python dreamer.py (--env gym:\S+ .*)", section).group(1).split()
+    proc = subprocess.run([sys.executable, str(DREAMER_FILE), *command, "--preset", "tiny",
+                           "--steps", "600", "--train_every", "200", "--logdir", "run"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any("model/loss" in m for m in read_metrics(tmp_path / "run"))
+
+
+STATE_E2E = [*E2E, "--obs", "state"]
+
+
+@pytest.fixture(scope="module")
+def state_trained(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("state") / "run"
+    first = run_cli(*STATE_E2E, "--steps", "600", "--logdir", str(logdir))
+    return logdir, first, read_metrics(logdir)
+
+
+def test_state_run_resumes_evaluates_and_draws(state_trained, tmp_path):
+    logdir, first, metrics = state_trained
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "encoder 3,392" in first.stdout          # the dense encoder: 6 → 32 → 32 → 32 → 32
+    again = run_cli(*STATE_E2E, "--steps", "800", "--logdir", str(logdir))
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-2000:]
+    assert read_metrics(logdir)[:len(metrics)] == metrics
+    proc = run_cli("--evaluate", str(logdir), "--eval_episodes", "2")
+    assert proc.returncode == 0 and "eval return" in proc.stdout, proc.stderr[-2000:]
+    proc = run_plot(str(logdir), "--openloop", "--out", str(tmp_path / "o.png"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "o-error.png").read_bytes()[:4] == b"\x89PNG"
+    assert "state MSE open loop" in proc.stdout
+
+
+def test_state_open_loop_decodes_states_in_the_environments_units(state_trained):
+    _, _, agent, _ = d.load_agent(state_trained[0])
+    wm = agent.world_model
+    episode = np.load(sorted((state_trained[0] / "episodes").glob("*.npz"))[0])
+    r = d.open_loop(wm, {k: episode[k] for k in ("obs", "action", "reward")}, length=20)
+    assert r["obs"].shape == r["model"].shape == r["filtered"].shape == (20, 6)
+    torch.manual_seed(0)
+    filtered, _ = d.filter_and_predict(wm, torch.as_tensor(episode["obs"][None, :20]),
+                                       torch.as_tensor(episode["action"][None, :20]), 5)
+    torch.manual_seed(0)
+    r = d.open_loop(wm, {k: episode[k] for k in ("obs", "action", "reward")}, length=20)
+    np.testing.assert_allclose(r["filtered"], wm.decoder(filtered[0]).detach().numpy(), rtol=1e-5)
+
+
+def test_state_video_shows_rendered_frames_beside_state_curves(state_trained, tmp_path, capsys):
+    import plot
+    from PIL import Image
+    plot.main([str(state_trained[0]), "--video", "--length", "50", "--out", str(tmp_path / "v.gif")])
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert gif.n_frames == 50 and gif.size[0] > 2 * 64
+    with pytest.raises(SystemExit, match="holds no frames"):
+        plot.main([str(state_trained[0]), "--video", "--episode", "0", "--out",
+                   str(tmp_path / "x.gif")])
