@@ -192,8 +192,11 @@ PRESETS = {
     # rates and all loss terms are the paper's. README: "Presets and flags".
     "cpu": dict(steps=100_000, train_steps=45, batch_size=8, cnn_depth=16, units=200,
                 shadow_size=256, eval_episodes=5),
-    # Not in the paper: Dreamer from state vectors (--obs state), sized by measurement so that
-    # 100k env steps take at most 20 minutes on a 2-core CPU (README: "Presets and flags").
+    # Not in the paper: Dreamer from state vectors (--obs state), for a 2-core CPU. Measured on
+    # the 2-core AVX-512 EPYC: an update of B = 16 × 50 takes ≈ 0.5 s with 2 threads (0.8 s with
+    # one; imagination from the B·L = 800 starts is 70 % of it), collection ≈ 1,400 env steps/s,
+    # so 100k env steps take ≈ 35 min on one thread. Provisional: the sizing and the actor
+    # options are still being measured (results/README.md, "State inputs").
     "cpu-state": dict(obs="state", steps=100_000, batch_size=16, units=200, train_steps=25,
                       eval_episodes=5),
     # The paper's discrete-action settings (appendix "Atari and DeepMind Lab"): H = 10, β = 0.1,
@@ -1525,6 +1528,14 @@ class DMCEnv:
         return self.env.task.random     # the task's numpy RandomState (initial positions, …)
 
 
+def resize64(frame):
+    """A frame uint8 [H, W, 3] → uint8 [3, 64, 64], resized by bilinear interpolation with
+    antialiasing (torch; no image library needed)."""
+    image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+    image = F.interpolate(image, size=(64, 64), mode="bilinear", antialias=True)
+    return image[0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 class AtariEnv:
     """An Atari game from 64×64 RGB pixels, through ale-py's ALEInterface (no gym layer), with
     [official code] the authors' wrapper settings: sticky actions (the last action repeats with
@@ -1560,11 +1571,8 @@ class AtariEnv:
         return np.eye(self.action_dim, dtype=np.float32)[np.random.randint(self.action_dim)]
 
     def observe(self, frames):
-        """The max over the given frames [n, 210, 160, 3] → uint8 [3, 64, 64], resized by
-        bilinear interpolation with antialiasing (torch; no image library needed)."""
-        image = torch.from_numpy(frames.max(0)).permute(2, 0, 1)[None].float()
-        image = F.interpolate(image, size=(64, 64), mode="bilinear", antialias=True)
-        return image[0].round().clamp(0, 255).to(torch.uint8).numpy()
+        """The max over the given frames [n, 210, 160, 3] → uint8 [3, 64, 64] (resize64)."""
+        return resize64(frames.max(0))
 
     def reset(self):
         self.steps = 0
@@ -1699,10 +1707,7 @@ class GymEnv:
         """The frame a person would see: env.render() (rgb_array) at 64×64, uint8 [3, 64, 64]."""
         if not self.info["pixels"]:
             raise UserError(f"{self.task} does not render rgb_array frames")
-        frame = np.asarray(self.env.render())                          # [H, W, 3] uint8
-        image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-        image = F.interpolate(image, size=(64, 64), mode="bilinear", antialias=True)
-        return image[0].round().clamp(0, 255).to(torch.uint8).numpy()   # [3, 64, 64]
+        return resize64(np.asarray(self.env.render()))                 # [H, W, 3] uint8
 
     def sample_action(self):
         """A uniformly random action (the seed episodes), from numpy's global RNG."""
