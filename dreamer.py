@@ -657,19 +657,17 @@ class WorldModel(nn.Module):
         self.feat_size = cfg.stoch_size + cfg.deter_size   # s_t = cat(z_t, h_t)
         # obs_shape: (3, 64, 64) images, or (O,) state vectors (--obs state, not in the paper)
         self.obs_shape, self.state_transform = tuple(obs_shape), cfg.state_transform
-        if len(self.obs_shape) != (3 if cfg.obs == "pixels" else 1):
+        pixels = cfg.obs == "pixels"
+        if len(self.obs_shape) != (3 if pixels else 1):
             raise ValueError(f"--obs {cfg.obs} does not fit observations of shape {obs_shape}")
-        if cfg.obs == "pixels":
-            self.encoder = Encoder(cfg.cnn_depth, cfg.precision)
-        else:
-            self.encoder = DenseEncoder(self.obs_shape[0], cfg.units)
+        self.encoder = (Encoder(cfg.cnn_depth, cfg.precision) if pixels
+                        else DenseEncoder(self.obs_shape[0], cfg.units))
         self.rssm = RSSM(cfg, action_dim, self.encoder.embed_size)
         self.representation, self.decoder, self.state_model = cfg.representation, None, None
         self.reward_transform = cfg.reward_transform        # what the reward model predicts
-        if cfg.representation == "reconstruction" and cfg.obs == "pixels":
-            self.decoder = Decoder(cfg.cnn_depth, self.feat_size, cfg.precision)
-        elif cfg.representation == "reconstruction":
-            self.decoder = DenseDecoder(self.feat_size, self.obs_shape[0], cfg.units)
+        if cfg.representation == "reconstruction":
+            self.decoder = (Decoder(cfg.cnn_depth, self.feat_size, cfg.precision) if pixels
+                            else DenseDecoder(self.feat_size, self.obs_shape[0], cfg.units))
         elif cfg.representation == "contrastive":
             self.state_model = StateModel(cfg, self.encoder.embed_size, self.feat_size)
         self.reward = RewardModel(cfg, self.feat_size)
@@ -1469,8 +1467,8 @@ class DMCEnv:
         self.low, self.high = spec.minimum, spec.maximum
         self.action_dim = spec.shape[0]
         self.obs_mode, self.steps = obs, 0
-        self.obs_shape = ((3, size, size) if obs == "pixels" else
-                          (sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values()),))
+        state_size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
+        self.obs_shape = (3, size, size) if obs == "pixels" else (state_size,)
 
     def render(self):
         image = self.env.physics.render(self.size, self.size, camera_id=self.camera)
@@ -1733,14 +1731,13 @@ class GymEnv:
             action = (self.low + (action + 1) / 2 * (self.high - self.low)).astype(
                 self.env.action_space.dtype)
         reward, terminated, truncated = 0.0, False, False
-        for _ in range(self.action_repeat):
+        for _ in range(self.action_repeat):     # (make's max_episode_steps sets truncated)
             obs, r, terminated, truncated, _ = self.env.step(action)
             reward += float(r)
             self.steps += 1
-            if terminated or truncated or self.steps >= self.time_limit:
+            if terminated or truncated:
                 break
-        done = terminated or truncated or self.steps >= self.time_limit
-        return self.observe(obs), reward, done, bool(terminated)
+        return self.observe(obs), reward, bool(terminated or truncated), bool(terminated)
 
 
 def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048, training=True,
@@ -2351,6 +2348,7 @@ def prediction_error(wm, episodes, horizon=45, context=5, stride=10):
                  for k in ("obs", "action", "reward")}                   # [N, L, ...]
         filtered, predicted = filter_and_predict(wm, batch["obs"], batch["action"], context)
         real = preprocess(batch["obs"][:, context:], wm.state_transform)   # [N, H, 3, 64, 64]
+        # (state vectors: [N, H, O], and the "image" errors are per entry)
         real_reward = model_reward(wm, batch["reward"][:, context:])    # [N, H]
         for name, feat in (("open", predicted[:, context:]), ("filtered", filtered[:, context:])):
             image = wm.decoder(feat)                                    # mean, in [−½, ½]

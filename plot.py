@@ -20,7 +20,9 @@ alone, as in imagination, next to the real frames, and predicted against real re
 (openloop.png); and the prediction error against the horizon k = 1 … 45 steps after the last
 seen image, open loop beside filtered (every image seen), printed and drawn
 (openloop-error.png). --video writes the episode as a GIF: real | model | |real − model|, the
-model's frames predicted open loop in 50-step chunks after 5 seen images each.
+model's frames predicted open loop in 50-step chunks after 5 seen images each. For a run that saw
+state vectors (--obs state) --openloop draws each state dimension, real against open-loop and
+filtered predictions, and --video shows the rendered frames beside the state curves.
 """
 import argparse
 import json
@@ -99,8 +101,9 @@ def load_episodes(run, episode, count, video=False):
 
 def draw_open_loop(dreamer, wm, cfg, episodes, source, start, title, out):
     """One chunk's open-loop prediction (dreamer.open_loop) as a PNG: real frames, predicted
-    frames, their difference, and real vs predicted rewards; then the prediction error against
-    the horizon (dreamer.prediction_error), printed and drawn beside it (out's stem + -error)."""
+    frames, their difference, and real vs predicted rewards (a state run: each state dimension,
+    draw_state_open_loop); then the prediction error against the horizon
+    (dreamer.prediction_error), printed and drawn beside it (out's stem + -error)."""
     import torch
     torch.manual_seed(0)
     rows = min(len(ep["reward"]) for ep, _ in episodes)
