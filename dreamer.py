@@ -171,6 +171,9 @@ class Config:
     eval_every: int = _f(10_000, "env steps between evaluations (10k, 20k, …; official: 10k apart)")
     eval_episodes: int = _f(1, "episodes per evaluation, policy mode, no noise [official code]")
     checkpoint_every: int = _f(10_000, "env steps between checkpoints (ours)")
+    replay_capacity: int = _f(1_000_000, "env steps of episodes the replay keeps in memory for "
+                                         "sampling; the oldest leave memory first, their files "
+                                         "stay (not in the paper, which keeps all; 0: no bound)")
     seed: int = _f(0, "seeds Python, numpy, torch, the replay sampler and the environment")
 
 
@@ -212,7 +215,7 @@ PRESETS = {
 # --evaluate seed + REEVAL_SEED_OFFSET, so that the three streams of initial states never meet.
 EVAL_SEED_OFFSET, REEVAL_SEED_OFFSET = 10_000, 20_000
 # Fields a resumed run may change; any other difference means a different experiment.
-RESUMABLE_FIELDS = {"steps", "eval_every", "eval_episodes", "checkpoint_every"}
+RESUMABLE_FIELDS = {"steps", "eval_every", "eval_episodes", "checkpoint_every", "replay_capacity"}
 
 
 def validate(cfg):
@@ -230,7 +233,7 @@ def validate(cfg):
                 raise UserError(f"--seed must be in [0, 2³² − {REEVAL_SEED_OFFSET:,}), got {v}")
             continue
         if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_entropy", "nstep_k",
-                      "discount_scale", "epsilon_start", "epsilon_end"):
+                      "discount_scale", "epsilon_start", "epsilon_end", "replay_capacity"):
             if v < 0:
                 raise UserError(f"--{f.name} must be ≥ 0, got {v}")
         elif v <= 0:
@@ -340,8 +343,9 @@ def check_task_config(cfg, task, given=()):
 
 def check_task_fits(cfg, task, max_env_steps, can_end_early=False):
     """The checks of `validate` that need the task's own episode length (env steps, at most
-    time_limit): a batch must fit in an episode, R must divide it, and --steps must reach past
-    the seed episodes, or the run would end without a single update. Raises UserError."""
+    time_limit): a batch must fit in an episode, R must divide it, the replay must hold an
+    episode, and --steps must reach past the seed episodes, or the run would end without a
+    single update. Raises UserError."""
     rows = max_env_steps // cfg.action_repeat + 1
     if max_env_steps % cfg.action_repeat:
         raise UserError(f"{task} ends after {max_env_steps} env steps, not a multiple of "
@@ -349,6 +353,10 @@ def check_task_fits(cfg, task, max_env_steps, can_end_early=False):
     if cfg.batch_length > rows:
         raise UserError(f"--batch_length {cfg.batch_length} is longer than an episode of "
                         f"{task} ({rows} rows: the task ends after {max_env_steps} env steps)")
+    if 0 < cfg.replay_capacity < max_env_steps:
+        raise UserError(f"--replay_capacity {cfg.replay_capacity} holds less than one episode of "
+                        f"{task} ({max_env_steps} env steps); use at least that, or 0 for no "
+                        f"bound")
     seeding = cfg.seed_episodes * max_env_steps
     if cfg.steps <= seeding and not can_end_early:   # (early ends: the seeding's length is unknown)
         raise UserError(f"--steps {cfg.steps} ends with the random seed episodes (S = "
@@ -1283,49 +1291,106 @@ class ReplayBuffer:
         obs uint8 [T+1, 3, 64, 64], action float32 [T+1, A], reward float32 [T+1],
         terminal bool [T+1] (true only on the last row of an episode that really ended, a game
         over or a lost life; a time limit is no end: the discount predictor learns from it).
-    With a directory, each added episode is also written there as NNNNNN.npz (uint8 images)."""
+    With a directory, each added episode is also written there as NNNNNN.npz (uint8 images).
 
-    def __init__(self, directory=None, seed=0):
+    Not in the paper, which keeps every episode: with capacity = N > 0, at most N transitions
+    (agent steps) stay in memory for sampling. Adding an episode past that drops the oldest
+    episodes from memory (their files stay on disk), and load() reads only the newest files
+    that fit, so a resumed run holds exactly the episodes an unbroken one holds. The counts
+    num_episodes and num_steps cover every episode of the run, in memory or not.
+    (DreamerV2 bounds its replay the same way, at 2·10⁶ transitions.)"""
+
+    def __init__(self, directory=None, seed=0, capacity=0):
         self.directory = Path(directory) if directory is not None else None
-        self.episodes = []
+        self.capacity = capacity     # transitions held in memory; 0: no bound
+        self.episodes = []           # the newest episodes, in order: what sample() draws from
+        self.lengths = []            # transitions of every episode of the run, oldest first
+        self.paths = []              # its file (None without a directory), parallel to lengths
+        self.in_memory = 0           # transitions in self.episodes
         self.rng = np.random.default_rng(seed)
         self.next_index = 0          # file number of the next episode; never reuses a name
 
     def add(self, episode):
         episode = {k: np.asarray(v) for k, v in episode.items()}
+        path = None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"{self.next_index:06d}.npz"
             save_atomically(path, lambda f: np.savez_compressed(f, **episode))
         self.next_index += 1
+        self.append(episode, path)
+
+    def append(self, episode, path):
+        length = len(episode["reward"]) - 1
         self.episodes.append(episode)
+        self.lengths.append(length)
+        self.paths.append(path)
+        self.in_memory += length
+        # Past the capacity, the oldest episodes leave memory; the newest always stays.
+        while self.capacity and self.in_memory > self.capacity and len(self.episodes) > 1:
+            self.in_memory -= len(self.episodes.pop(0)["reward"]) - 1
+
+    @staticmethod
+    def read(path, keys=("obs", "action", "reward", "terminal")):
+        """One episode file → dict of its arrays (only `keys`). Files written before `terminal`
+        was stored come from DMC, where no episode ends early: never terminal."""
+        with np.load(path) as data:
+            episode = {k: data[k] for k in keys if k != "terminal"}
+            if "terminal" in keys:
+                episode["terminal"] = (data["terminal"] if "terminal" in data.files
+                                       else np.zeros(len(data["reward"]), bool))
+        return episode
 
     def load(self):
-        """Read every episode file of the directory, in order. Raises UserError on a bad one."""
+        """Read the directory's episode files back, in order: the lengths of all, the arrays of
+        the newest that fit the capacity. Raises UserError naming a file that cannot be read;
+        an allocation failure (MemoryError and the like) passes through as it is: the file is
+        fine, the machine is short of memory."""
         if self.directory is None or not self.directory.exists():
             return
-        for path in sorted(self.directory.glob("*.npz")):
-            try:
-                with np.load(path) as data:
-                    episode = {k: data[k] for k in ("obs", "action", "reward")}
-                    # (files written before `terminal` was stored come from DMC: never terminal)
-                    episode["terminal"] = (data["terminal"] if "terminal" in data.files
-                                           else np.zeros(len(episode["reward"]), bool))
-            except Exception as e:
-                raise UserError(f"cannot read episode file {path} ({one_line(e)}); "
-                                f"move it out of the way to resume without it") from None
-            self.episodes.append(episode)
+        paths = sorted(self.directory.glob("*.npz"))
+        lengths = [len(self.checked(path, ("reward",))["reward"]) - 1 for path in paths]
+        first, held = len(paths), 0                   # the newest suffix within the capacity
+        while first > 0 and (first == len(paths) or not self.capacity
+                             or held + lengths[first - 1] <= self.capacity):
+            first -= 1
+            held += lengths[first]
+        for i, path in enumerate(paths):
+            if i >= first:
+                self.append(self.checked(path), path)
+            else:                                     # counted, left on disk
+                self.lengths.append(lengths[i])
+                self.paths.append(path)
             if path.stem.isdigit():
                 self.next_index = max(self.next_index, int(path.stem) + 1)
+
+    def checked(self, path, keys=("obs", "action", "reward", "terminal")):
+        try:
+            return self.read(path, keys)
+        except Exception as e:
+            if out_of_memory(e):
+                raise
+            raise UserError(f"cannot read episode file {path} ({one_line(e)}); "
+                            f"move it out of the way to resume without it") from None
+
+    def episode(self, i):
+        """The i-th episode of the run (0 = the first), from memory or else from its file."""
+        first = len(self.lengths) - len(self.episodes)
+        return self.episodes[i - first] if i >= first else self.checked(self.paths[i])
 
     def can_sample(self, length):
         """Whether some episode has the `length` rows that one chunk of sample() needs."""
         return any(len(e["reward"]) >= length for e in self.episodes)
 
     @property
+    def num_episodes(self):
+        """Episodes of the run, in memory or not."""
+        return len(self.lengths)
+
+    @property
     def num_steps(self):
-        """Agent steps (transitions) stored: an episode of T+1 rows holds T."""
-        return sum(len(e["reward"]) - 1 for e in self.episodes)
+        """Agent steps (transitions) of the run, in memory or not: an episode of T+1 rows holds T."""
+        return sum(self.lengths)
 
     def sample(self, batch_size, length):
         """B chunks of L consecutive rows: an episode uniformly at random, then a start uniformly
@@ -1914,6 +1979,48 @@ def out_of_memory(error):
                                             "CUBLAS_STATUS_ALLOC_FAILED")))
 
 
+def replay_bytes_per_env_step(cfg, obs_shape, action_dim):
+    """Bytes the replay holds per env step: one row per agent step (observation: uint8 pixels
+    or float32 state; float32 action and reward; bool terminal), ÷ action repeat."""
+    obs = int(np.prod(obs_shape)) * (1 if cfg.obs == "pixels" else 4)
+    return (obs + 4 * action_dim + 4 + 1) / cfg.action_repeat
+
+
+def available_memory():
+    """Bytes of memory this machine can give a new allocation (Linux: MemAvailable), or its
+    physical memory where that is unknown, or None."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def replay_memory_note(cfg, obs_shape, action_dim, available):
+    """The start-of-run line on what the replay will hold by --steps (GB, against `available`
+    bytes), and whether it fits: → (line, fits). A run that will not fit is told which
+    --replay_capacity does."""
+    per_step = replay_bytes_per_env_step(cfg, obs_shape, action_dim)
+    held = min(cfg.steps, cfg.replay_capacity or cfg.steps)
+    bound = (f"--replay_capacity {cfg.replay_capacity:,} env steps" if cfg.replay_capacity
+             else "no bound: --replay_capacity 0")
+    line = (f"replay: {held * per_step / 1e9:.2f} GB in memory by --steps {cfg.steps:,} "
+            f"({per_step * 1e6 / 1e9:.2f} GB per 10⁶ env steps; {bound})")
+    if available is None:
+        return line, True
+    line += f"; this machine has {available / 1e9:.1f} GB available"
+    if held * per_step <= available:
+        return line, True
+    fit = int(0.5 * available / per_step)
+    fit = max(cfg.time_limit, fit - fit % 100_000 if fit > 100_000 else fit)
+    return (f"{line}. It will not fit: the replay alone would fill it near "
+            f"{int(available / per_step):,} env steps and the run die of memory; pass "
+            f"--replay_capacity {fit:,} (≈ {fit * per_step / 1e9:.1f} GB) to keep only the newest "
+            f"episodes in memory"), False
+
+
 class Trainer:
     """Holds a run's state: agent, replay, environments, counters, logdir; implements Algorithm 1
     with checkpoints so that the same command resumes where a run stopped."""
@@ -1933,7 +2040,8 @@ class Trainer:
                                  seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size,
                                  training=False, obs=cfg.obs)
         self.agent = Dreamer(cfg, self.env.action_dim, device, self.env.obs_shape)
-        self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed)
+        self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed,
+                                   capacity=cfg.replay_capacity // cfg.action_repeat)
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
                          "phase_updates": 0, "next_checkpoint": cfg.checkpoint_every}
         self.last = {"train/return": float("nan"), "eval/return": float("nan")}
@@ -1943,12 +2051,20 @@ class Trainer:
         self.actor_history, self.warned_stuck = [], False     # watch_actor
         if self.resumed:
             self.load_checkpoint()
-        self.replay.load()
-        if len(self.replay.episodes) >= cfg.seed_episodes:
+        try:
+            self.replay.load()
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            raise RunError(f"out of memory while loading the replay from {self.logdir} "
+                           f"({one_line(e)}); every file is intact: free memory and run the "
+                           f"same command, or resume with a smaller --replay_capacity (now "
+                           f"{cfg.replay_capacity or 'no bound'})") from None
+        if self.replay.num_episodes >= cfg.seed_episodes:
             # Seeding is over, but the checkpoint may be from before its end, or absent (the run
             # was killed before its first one; fresh models then learn from the data): the first
             # training phase is where it would have been, right after the seed episodes.
-            seed_rows = sum(len(e["reward"]) - 1 for e in self.replay.episodes[:cfg.seed_episodes])
+            seed_rows = sum(self.replay.lengths[:cfg.seed_episodes])
             self.counters["next_train"] = max(self.counters["next_train"],
                                               seed_rows * cfg.action_repeat)
         # Only now, with everything read back, is anything written to the logdir.
@@ -2048,10 +2164,11 @@ class Trainer:
         head = head[:head.rfind(b"\n") + 1]                        # whole lines only
         logged = head.count(b'"train/return"')                     # episodes already logged
         new, steps = [], 0
-        for i, episode in enumerate(self.replay.episodes):
-            length = self.cfg.action_repeat * (len(episode["reward"]) - 1)   # env steps
+        for i, rows in enumerate(self.replay.lengths):
+            length = self.cfg.action_repeat * rows                           # env steps
             steps += length
             if i >= logged:
+                episode = self.replay.episode(i)
                 ret = float(np.sum(episode["reward"], dtype=np.float64))
                 new.append(json.dumps({"step": steps, "train/return": ret, "train/length": length,
                                        "train/action_saturation":
@@ -2098,7 +2215,7 @@ class Trainer:
     def seeding(self):
         """Algorithm 1's seed episodes: S random episodes, and then (episodes that end early,
         Atari) more until one has the batch_length rows a training chunk needs."""
-        return (len(self.replay.episodes) < self.cfg.seed_episodes
+        return (self.replay.num_episodes < self.cfg.seed_episodes
                 or not self.replay.can_sample(self.cfg.batch_length))
 
     def collect(self, env, explore, random_actions=False):
@@ -2135,8 +2252,10 @@ class Trainer:
                   f"nothing to do (pass a larger --steps to continue)", flush=True)
             return 0
         if self.resumed:
+            n, held = self.replay.num_episodes, len(self.replay.episodes)
+            held = f" ({held} in memory: --replay_capacity {cfg.replay_capacity})" * (held < n)
             print(f"resuming from {self.checkpoint_path}: {steps} env steps, "
-                  f"{len(self.replay.episodes)} episodes, {c['updates']} updates", flush=True)
+                  f"{n} episodes{held}, {c['updates']} updates", flush=True)
         clock, train_metrics = [(time.perf_counter(), steps)], {}   # (time, env steps) marks
         previous = {s: signal.signal(s, self.stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -2144,7 +2263,7 @@ class Trainer:
                 # Stopped after the last episode was written but before the final checkpoint
                 # (a kill), or during the final evaluation: redo what an unbroken run did after
                 # its last episode began, the phases due before it and the final evaluation.
-                last = cfg.action_repeat * (len(self.replay.episodes[-1]["reward"]) - 1)
+                last = cfg.action_repeat * self.replay.lengths[-1]
                 train_metrics = self.train_owed(steps, due_by=steps - last)
                 self.evaluate_and_log(steps)
             while steps < cfg.steps:
@@ -2201,8 +2320,9 @@ class Trainer:
             if not out_of_memory(e):
                 raise
             raise RunError(f"out of memory ({one_line(e)}); free memory and run the same "
-                           f"command, or lower --batch_size, --batch_length or the network "
-                           f"sizes in a new --logdir; {self.kept()}") from None
+                           f"command, or the same with a smaller --replay_capacity, or lower "
+                           f"--batch_size, --batch_length or the network sizes in a new "
+                           f"--logdir; {self.kept()}") from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -2217,6 +2337,7 @@ class Trainer:
         if "actor/saturation" not in metrics:                  # the one-hot actor: no tanh
             return
         self.actor_history.append((metrics["actor/saturation"], metrics["actor/grad_norm"]))
+        del self.actor_history[:-STUCK_PHASES]              # all actor_stuck reads: flat memory
         if actor_stuck(self.actor_history) and not self.warned_stuck:
             self.warned_stuck = True
             sat = min(s for s, _ in self.actor_history[-STUCK_PHASES:])
@@ -2228,7 +2349,7 @@ class Trainer:
 
     def kept(self):
         """What a run that stops on a fault leaves on disk, for its error line."""
-        n, at = len(self.replay.episodes), self.saved["env_steps"]
+        n, at = self.replay.num_episodes, self.saved["env_steps"]
         episodes = f"{n} episode{'s' * (n != 1)}"
         if not self.checkpoint_path.exists():
             return f"kept in {self.logdir}: {episodes} (no checkpoint yet)"
@@ -2241,7 +2362,7 @@ class Trainer:
         (t_old, s_old), (t_new, s_new) = clock[0], clock[-1]
         rate = (s_new - s_old) / max(t_new - t_old, 1e-9)
         eta = max(self.cfg.steps - steps, 0) / max(rate, 1e-9)   # (an episode may run past)
-        line = (f"step {steps:>8} | ep {len(self.replay.episodes):>4} | "
+        line = (f"step {steps:>8} | ep {self.replay.num_episodes:>4} | "
                 f"train {self.last['train/return']:7.1f} | eval {self.last['eval/return']:7.1f}")
         if train:
             line += (f" | model {train['model/loss']:8.1f} kl {train['model/kl']:5.2f} | "
@@ -2650,10 +2771,7 @@ def benchmark(cfg, task, device, updates=5, collect_steps=300):
         if done:
             obs, state = env.reset(), None
     env_steps_per_s = collect_steps * cfg.action_repeat / (time.perf_counter() - t)
-    # Replay memory: one row per agent step, uint8 image + float32 action and reward.
-    row_bytes = int(np.prod(env.obs_shape)) * (1 if cfg.obs == "pixels" else 4) \
-        + 4 * env.action_dim + 4
-    replay_gb = 1e6 / cfg.action_repeat * row_bytes / 1e9
+    replay_gb = replay_bytes_per_env_step(cfg, env.obs_shape, env.action_dim) * 1e6 / 1e9
     for k in ("sample_s", "world_model_s", "actor_s", "value_s", "update_s"):
         print(f"  median {k:15s} {median[k]:7.3f} s")
     print(f"  peak memory during updates: {peak / 2**30:.2f} GiB "
@@ -2987,6 +3105,9 @@ def main(argv=None):
         print("parameters: " + " · ".join(f"{k} {count_parameters(m):,}"
                                           for k, m in counts.items() if m is not None),
               flush=True)
+        note, fits = replay_memory_note(cfg, trainer.env.obs_shape, trainer.env.action_dim,
+                                        available_memory())
+        print(note if fits else f"warning: {note}", flush=True)
         try:
             return trainer.run()        # handles Ctrl-C itself once training has started
         finally:

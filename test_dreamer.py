@@ -685,9 +685,10 @@ def test_atari_training_loop_wiring(tmp_path, monkeypatch):
         assert seen and set(seen) == {123}
         short = {"obs": np.zeros((5, 3, 64, 64), np.uint8), "action": np.zeros((5, 4), np.float32),
                  "reward": np.zeros(5, np.float32), "terminal": np.zeros(5, bool)}
-        trainer.replay.episodes = [short] * cfg.seed_episodes
+        for _ in range(cfg.seed_episodes):
+            trainer.replay.append(short, None)
         assert trainer.seeding()                      # no episode of batch_length rows yet
-        trainer.replay.episodes.append({k: np.concatenate([v] * 4) for k, v in short.items()})
+        trainer.replay.append({k: np.concatenate([v] * 4) for k, v in short.items()}, None)
         assert not trainer.seeding()
     finally:
         trainer.lock.close()
@@ -1384,6 +1385,45 @@ def test_replay_never_overwrites_an_episode_file(tmp_path):
                                                              "000003.npz"]
 
 
+def test_replay_capacity_keeps_the_newest_episodes_in_memory_and_every_file(tmp_path,
+                                                                            monkeypatch):
+    """Not in the paper (--replay_capacity): past N transitions in memory, the oldest episodes
+    leave memory first and the newest always stays; every file stays on disk and in the run's
+    counts; sampling draws from memory only; a buffer loaded from the files holds what the one
+    that wrote them holds, reading the arrays of those files only (so that loading never needs
+    more memory than the capacity), and reads a left-out episode from its file."""
+    def episode(i, rows):
+        return {"obs": np.full((rows, 3, 64, 64), i, np.uint8),
+                "action": np.zeros((rows, 1), np.float32), "reward": np.full(rows, i, np.float32),
+                "terminal": np.zeros(rows, bool)}
+    rows = [20, 30, 10, 25, 15, 40]                   # transitions: 19, 29, 9, 24, 14, 39
+    # In memory after each add, worked out by hand for N = 50: 19; 48; 57 > 50, so episode 0
+    # leaves: 38; 62, 1 leaves: 33; 47; 86, then 2, 3 and 4 leave: 39.
+    held = [{0}, {0, 1}, {1, 2}, {2, 3}, {2, 3, 4}, {5}]
+    replay = d.ReplayBuffer(tmp_path, seed=0, capacity=50)
+    for i, n in enumerate(rows):
+        replay.add(episode(i, n))
+        ids = [int(e["reward"][0]) for e in replay.episodes]
+        assert set(ids) == held[i] and ids == sorted(ids), i
+        assert replay.in_memory == sum(rows[j] - 1 for j in held[i]) <= 50
+        assert replay.num_episodes == i + 1 and replay.num_steps == sum(rows[:i + 1]) - (i + 1)
+        assert len(list(tmp_path.glob("*.npz"))) == i + 1              # nothing deleted
+        drawn = set(replay.sample(32, 10)["reward"][:, 0].astype(int).tolist())
+        assert drawn <= held[i]
+    read, full = d.ReplayBuffer.read, []
+    def spy(path, keys=("obs", "action", "reward", "terminal")):
+        full.extend([int(Path(path).stem)] * ("obs" in keys))
+        return read(path, keys)
+    monkeypatch.setattr(d.ReplayBuffer, "read", staticmethod(spy))
+    for capacity, expect in [(50, {5}), (60, {4, 5}), (0, set(range(6)))]:
+        again, full[:] = d.ReplayBuffer(tmp_path, capacity=capacity), []
+        again.load()
+        assert {int(e["reward"][0]) for e in again.episodes} == expect == set(full), capacity
+        assert again.lengths == [n - 1 for n in rows] and again.next_index == 6
+        assert np.array_equal(again.episode(0)["obs"], episode(0, 20)["obs"])   # from its file
+        assert np.array_equal(again.episode(5)["reward"], episode(5, 40)["reward"])
+
+
 def test_save_atomically_keeps_old_file_when_write_fails(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"old")
@@ -1540,6 +1580,10 @@ BAD_ARGS = [
     (["--env", "atari_pong", "--epsilon_end", "1.5"], "are probabilities, ≤ 1"),
     (["--env", "atari_pong", "--actor_entropy", "1e-3"], "not for the one-hot actor"),
     (["--env", "atari_pong", "--value_estimate", "reward"], "does not go with a discount"),
+    # The replay's bound: one whole episode at least.
+    (["--replay_capacity", "-1"], "--replay_capacity must be ≥ 0"),
+    (["--replay_capacity", "999"], "--replay_capacity 999 holds less than one episode of "
+                                   "reacher_easy (1000 env steps)"),
 ]
 
 
@@ -1683,6 +1727,60 @@ def test_second_run_resumes_where_the_first_stopped(trained):
     again = run_cli(*E2E, "--steps", "1000", "--logdir", str(logdir))
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert read_metrics(logdir) == after
+
+
+def test_a_run_under_a_replay_capacity_resumes_with_the_newest_episodes_that_fit(tmp_path):
+    """--replay_capacity 400 holds two of E2E's 200-step episodes. A run stopped at 600 env
+    steps (3 episodes written) resumes holding the newest two, read back from their files, and
+    counting all three; it goes on with the counters of an unbroken run and keeps every file."""
+    logdir, cap = tmp_path / "run", ["--replay_capacity", "400"]
+    first = run_cli(*E2E, *cap, "--steps", "600", "--logdir", str(logdir))
+    assert first.returncode == 0, first.stderr
+    assert "replay: 0.00 GB in memory by --steps 600 (6.15 GB per 10⁶ env steps; " \
+           "--replay_capacity 400 env steps)" in first.stdout
+    cfg, _ = d.parse_args([*E2E, *cap, "--steps", "1000"])
+    trainer = d.Trainer(cfg, "reacher_easy", logdir, "cpu")
+    try:
+        replay = trainer.replay
+        assert replay.num_episodes == 3 and replay.lengths == [100] * 3
+        assert trainer.env_steps() == 600 and trainer.counters["updates"] == 10
+        assert len(replay.episodes) == 2 and replay.in_memory == 200
+        for episode, name in zip(replay.episodes, ["000001.npz", "000002.npz"]):
+            with np.load(logdir / "episodes" / name) as data:
+                assert all(np.array_equal(episode[k], data[k]) for k in data.files)
+    finally:
+        trainer.lock.close()
+    resumed = run_cli(*E2E, *cap, "--steps", "1000", "--logdir", str(logdir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "600 env steps, 3 episodes (2 in memory: --replay_capacity 400), 10 updates" \
+        in resumed.stdout
+    assert "done: 1000 env steps, 20 updates" in resumed.stdout     # 4 phases × 5, as unbroken
+    assert [m["step"] for m in read_metrics(logdir) if "train/return" in m] == \
+        [200, 400, 600, 800, 1000]
+    assert len(list((logdir / "episodes").glob("*.npz"))) == 5      # every file kept
+
+
+def test_out_of_memory_while_loading_the_replay_blames_no_file(trained, tmp_path, monkeypatch,
+                                                               capsys):
+    """An allocation failure while reading the episodes back is out of memory, exit 1, with the
+    capacity flag to turn; no episode file is called bad or moved, and nothing changes."""
+    logdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(trained[0]), str(logdir)], check=True)
+    before = files_of(logdir)
+    load = np.load
+
+    def short_of_memory(path, *args, **kwargs):
+        if Path(path).name == "000002.npz":
+            raise MemoryError("Unable to allocate 5.87 MiB for an array with shape (6156288,)")
+        return load(path, *args, **kwargs)
+    monkeypatch.setattr(np, "load", short_of_memory)
+    assert d.main([*E2E, "--steps", "1200", "--logdir", str(logdir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dreamer.py: error: out of memory while loading the replay from "
+                          f"{logdir} (MemoryError: Unable to allocate") and "\n" not in err
+    assert "every file is intact" in err and "--replay_capacity" in err
+    assert "cannot read episode file" not in err and "move it" not in err
+    assert files_of(logdir) == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
