@@ -167,6 +167,8 @@ class Config:
                                    "(paper appendix, Atari)")
     epsilon_end: float = _f(0.1, "… to this, linearly over the first epsilon_updates updates")
     epsilon_updates: int = _f(200_000, "updates over which ε falls (paper appendix, Atari)")
+    epsilon_eval: float = _f(0.001, "discrete actions: ε of ε-greedy in evaluation, so that a "
+                                    "game never stalls on one action [paper's TF1 code]")
     # Evaluation, checkpoints, seeding.
     eval_every: int = _f(10_000, "env steps between evaluations (10k, 20k, …; official: 10k apart)")
     eval_episodes: int = _f(1, "episodes per evaluation, policy mode, no noise [official code]")
@@ -233,7 +235,8 @@ def validate(cfg):
                 raise UserError(f"--seed must be in [0, 2³² − {REEVAL_SEED_OFFSET:,}), got {v}")
             continue
         if f.name in ("free_nats", "expl_noise", "discount", "lam", "actor_entropy", "nstep_k",
-                      "discount_scale", "epsilon_start", "epsilon_end", "replay_capacity"):
+                      "discount_scale", "epsilon_start", "epsilon_end", "epsilon_eval",
+                      "replay_capacity"):
             if v < 0:
                 raise UserError(f"--{f.name} must be ≥ 0, got {v}")
         elif v <= 0:
@@ -274,9 +277,9 @@ def validate(cfg):
                         "--obs pixels it would do nothing")
     if cfg.reward_transform not in ("none", "tanh"):
         raise UserError(f"--reward_transform must be none or tanh, got {cfg.reward_transform!r}")
-    if cfg.epsilon_start > 1 or cfg.epsilon_end > 1:
-        raise UserError(f"--epsilon_start and --epsilon_end are probabilities, ≤ 1; got "
-                        f"{cfg.epsilon_start} and {cfg.epsilon_end}")
+    if max(cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_eval) > 1:
+        raise UserError(f"--epsilon_start, --epsilon_end and --epsilon_eval are probabilities, "
+                        f"≤ 1; got {cfg.epsilon_start}, {cfg.epsilon_end} and {cfg.epsilon_eval}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.shadow_size > 8192:
@@ -722,6 +725,11 @@ class Actor(nn.Module):
         """(paper Sec. 6) Exploration while collecting: a ← clip(a + N(0, 0.3), −1, 1)."""
         return torch.clamp(action + cfg.expl_noise * torch.randn_like(action), -1, 1)
 
+    @staticmethod
+    def evaluation(action, cfg):
+        """The action evaluation plays, from forward(sample=False)'s: that action itself."""
+        return action
+
     def forward(self, feat, sample=True):
         """Return (action, log q_φ(action | s)); sample=False gives tanh(μ), the deterministic
         action used for evaluation: the pre-tanh Gaussian's mode pushed through tanh, which is
@@ -858,6 +866,17 @@ class OneHotActor(nn.Module):
         replace = torch.rand(N, 1, device=action.device) < epsilon(cfg, updates)
         return torch.where(replace, random, action)
         # END EXERCISE
+
+    @staticmethod
+    def evaluation(action, cfg):
+        """[paper's TF1 code: test_action_noise] Evaluation plays the most likely action but,
+        with probability ε = cfg.epsilon_eval (0.001), a uniformly random one, so that a policy
+        that never presses FIRE after a lost life cannot stall a game until the frame cap.
+        action: one-hot [N, A]."""
+        N, A = action.shape
+        random = F.one_hot(torch.randint(A, (N,), device=action.device), A).to(action.dtype)
+        replace = torch.rand(N, 1, device=action.device) < cfg.epsilon_eval
+        return torch.where(replace, random, action)
 
 
 # The actor's distribution, by --actor_dist: the paper's, a successor's (not in the paper), and
@@ -1231,7 +1250,8 @@ class Dreamer:
     def act(self, obs, state, explore, updates=0):
         """Algorithm 1, environment interaction: compute s_t ~ p(s_t | s_{t−1}, a_{t−1}, o_t)
         from the new image, then a_t ~ q_φ(a_t | s_t) (+ exploration when exploring: the
-        actor's explore, Gaussian noise or ε-greedy after `updates` updates).
+        actor's explore, Gaussian noise or ε-greedy after `updates` updates; else the actor's
+        evaluation action: its mode, ε-greedy with ε = epsilon_eval for discrete actions).
         obs uint8 [3, 64, 64]; state = (z, h, previous action) or None at an episode start."""
         wm = self.world_model
         if state is None:
@@ -1246,6 +1266,8 @@ class Dreamer:
         action, _ = self.actor(torch.cat([z, h], -1), sample=explore)
         if explore:
             action = self.actor.explore(action, self.cfg, updates)
+        else:           # the mode; discrete actions: ε-greedy with a tiny ε [paper's TF1 code]
+            action = self.actor.evaluation(action, self.cfg)
         return action[0].cpu().numpy(), (z, h, action)
 
     def modules(self):
@@ -1291,7 +1313,9 @@ class ReplayBuffer:
         obs uint8 [T+1, 3, 64, 64], action float32 [T+1, A], reward float32 [T+1],
         terminal bool [T+1] (true only on the last row of an episode that really ended, a game
         over or a lost life; a time limit is no end: the discount predictor learns from it).
-    With a directory, each added episode is also written there as NNNNNN.npz (uint8 images).
+    With a directory, each added episode is also written there as NNNNNN.npz (uint8 images),
+    with `env_steps`, the env steps it really played: rows − 1 times the action repeat R, less
+    where it ended inside an action's repeat (a lost life on Atari after 2 of 4 frames).
 
     Not in the paper, which keeps every episode: with capacity = N > 0, at most N transitions
     (agent steps) stay in memory for sampling. Adding an episode past that drops the oldest
@@ -1300,30 +1324,37 @@ class ReplayBuffer:
     num_episodes and num_steps cover every episode of the run, in memory or not.
     (DreamerV2 bounds its replay the same way, at 2·10⁶ transitions.)"""
 
-    def __init__(self, directory=None, seed=0, capacity=0):
+    def __init__(self, directory=None, seed=0, capacity=0, action_repeat=1):
         self.directory = Path(directory) if directory is not None else None
         self.capacity = capacity     # transitions held in memory; 0: no bound
+        self.action_repeat = action_repeat   # env steps per transition, where not stored
         self.episodes = []           # the newest episodes, in order: what sample() draws from
         self.lengths = []            # transitions of every episode of the run, oldest first
+        self.env_steps = []          # env steps it played, parallel to lengths
         self.paths = []              # its file (None without a directory), parallel to lengths
         self.in_memory = 0           # transitions in self.episodes
         self.rng = np.random.default_rng(seed)
         self.next_index = 0          # file number of the next episode; never reuses a name
 
-    def add(self, episode):
+    def add(self, episode, env_steps=None):
+        """Keep an episode (and write it); env_steps: what it played (default rows − 1 times R)."""
         episode = {k: np.asarray(v) for k, v in episode.items()}
+        if env_steps is None:
+            env_steps = (len(episode["reward"]) - 1) * self.action_repeat
         path = None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"{self.next_index:06d}.npz"
-            save_atomically(path, lambda f: np.savez_compressed(f, **episode))
+            save_atomically(path, lambda f: np.savez_compressed(f, **episode,
+                                                                env_steps=np.int64(env_steps)))
         self.next_index += 1
-        self.append(episode, path)
+        self.append(episode, path, env_steps)
 
-    def append(self, episode, path):
+    def append(self, episode, path, env_steps=None):
         length = len(episode["reward"]) - 1
         self.episodes.append(episode)
         self.lengths.append(length)
+        self.env_steps.append(length * self.action_repeat if env_steps is None else env_steps)
         self.paths.append(path)
         self.in_memory += length
         # Past the capacity, the oldest episodes leave memory; the newest always stays.
@@ -1332,10 +1363,12 @@ class ReplayBuffer:
 
     @staticmethod
     def read(path, keys=("obs", "action", "reward", "terminal")):
-        """One episode file → dict of its arrays (only `keys`). Files written before `terminal`
-        was stored come from DMC, where no episode ends early: never terminal."""
+        """One episode file → dict of its arrays (only `keys`; env_steps only if stored). Files
+        written before `terminal` was stored come from DMC, where no episode ends early: never
+        terminal."""
         with np.load(path) as data:
-            episode = {k: data[k] for k in keys if k != "terminal"}
+            episode = {k: data[k] for k in keys
+                       if k != "terminal" and (k != "env_steps" or k in data.files)}
             if "terminal" in keys:
                 episode["terminal"] = (data["terminal"] if "terminal" in data.files
                                        else np.zeros(len(data["reward"]), bool))
@@ -1349,7 +1382,11 @@ class ReplayBuffer:
         if self.directory is None or not self.directory.exists():
             return
         paths = sorted(self.directory.glob("*.npz"))
-        lengths = [len(self.checked(path, ("reward",))["reward"]) - 1 for path in paths]
+        counts = [self.checked(path, ("reward", "env_steps")) for path in paths]
+        lengths = [len(c["reward"]) - 1 for c in counts]
+        # (files written before env_steps was stored: every action played its R env steps)
+        played = [int(c["env_steps"]) if "env_steps" in c else n * self.action_repeat
+                  for c, n in zip(counts, lengths)]
         first, held = len(paths), 0                   # the newest suffix within the capacity
         while first > 0 and (first == len(paths) or not self.capacity
                              or held + lengths[first - 1] <= self.capacity):
@@ -1357,9 +1394,10 @@ class ReplayBuffer:
             held += lengths[first]
         for i, path in enumerate(paths):
             if i >= first:
-                self.append(self.checked(path), path)
+                self.append(self.checked(path), path, played[i])
             else:                                     # counted, left on disk
                 self.lengths.append(lengths[i])
+                self.env_steps.append(played[i])
                 self.paths.append(path)
             if path.stem.isdigit():
                 self.next_index = max(self.next_index, int(path.stem) + 1)
@@ -1391,6 +1429,11 @@ class ReplayBuffer:
     def num_steps(self):
         """Agent steps (transitions) of the run, in memory or not: an episode of T+1 rows holds T."""
         return sum(self.lengths)
+
+    @property
+    def num_env_steps(self):
+        """Env steps the run's episodes played, in memory or not."""
+        return sum(self.env_steps)
 
     def sample(self, batch_size, length):
         """B chunks of L consecutive rows: an episode uniformly at random, then a start uniformly
@@ -1427,6 +1470,8 @@ class ReplayBuffer:
 #   obs          uint8 [3, 64, 64] pixels (--obs pixels) or float32 [O] (--obs state)
 #   obs_shape    (3, 64, 64) or (O,);  action_dim A;  discrete: one-hot actions or not
 #   max_env_steps  the longest episode in env steps;  can_end_early  whether done can come sooner
+#   steps        env steps played in the current episode: the frames really played (an end
+#                inside an action's repeat stops the repeat); --steps and the schedules count these
 #   sample_action()  a uniformly random action (the seed episodes), from numpy's global RNG
 #   random_state   its RNG, with get_state()/set_state() (checkpointed: a resumed run's episodes
 #                  start where an unbroken run's would)
@@ -1663,8 +1708,10 @@ class AtariEnv:
             self.steps += 1
             self.ale.getScreenRGB(self.frames[seen % 2])
             seen += 1
-            lost_life = self.life_done and self.ale.lives() < self.lives
-            terminal = self.ale.game_over() or lost_life
+            # [official code] the lives are remembered after every frame, so that a life lost
+            # after a bonus life (3 → 4 → 3) ends the episode too
+            lives, remembered, self.lives = self.ale.lives(), self.lives, self.ale.lives()
+            terminal = self.ale.game_over() or (self.life_done and lives < remembered)
             if terminal or self.steps >= self.time_limit:
                 break
         done = terminal or self.steps >= self.time_limit
@@ -1924,6 +1971,7 @@ def lock_logdir(logdir):
 # A stuck actor (README: "When the actor collapses"): the policy's mode at the bounds for most
 # states and a vanishing gradient of Eq. 7, for STUCK_PHASES training phases in a row.
 SATURATED, STUCK_SATURATION, STUCK_GRAD_NORM, STUCK_PHASES = 0.95, 0.5, 0.05, 3
+EVAL_PROGRESS = 20_000     # env steps between an evaluation's progress lines (Atari: 80 s or so)
 
 
 def action_saturation(actions):
@@ -2041,7 +2089,8 @@ class Trainer:
                                  training=False, obs=cfg.obs)
         self.agent = Dreamer(cfg, self.env.action_dim, device, self.env.obs_shape)
         self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed,
-                                   capacity=cfg.replay_capacity // cfg.action_repeat)
+                                   capacity=cfg.replay_capacity // cfg.action_repeat,
+                                   action_repeat=cfg.action_repeat)
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
                          "phase_updates": 0, "next_checkpoint": cfg.checkpoint_every}
         self.last = {"train/return": float("nan"), "eval/return": float("nan")}
@@ -2049,6 +2098,8 @@ class Trainer:
         self.saved = {"env_steps": None, "metrics_bytes": None}   # what the checkpoint holds
         self.resumed = self.checkpoint_path.exists()
         self.actor_history, self.warned_stuck = [], False     # watch_actor
+        self.train_metrics = {}                                # the last phase's, for progress
+        self.phase_seconds = 0.0                               # time in training phases
         if self.resumed:
             self.load_checkpoint()
         try:
@@ -2064,9 +2115,8 @@ class Trainer:
             # Seeding is over, but the checkpoint may be from before its end, or absent (the run
             # was killed before its first one; fresh models then learn from the data): the first
             # training phase is where it would have been, right after the seed episodes.
-            seed_rows = sum(self.replay.lengths[:cfg.seed_episodes])
             self.counters["next_train"] = max(self.counters["next_train"],
-                                              seed_rows * cfg.action_repeat)
+                                              sum(self.replay.env_steps[:cfg.seed_episodes]))
         # Only now, with everything read back, is anything written to the logdir.
         try:
             self.logdir.mkdir(parents=True, exist_ok=True)
@@ -2164,8 +2214,7 @@ class Trainer:
         head = head[:head.rfind(b"\n") + 1]                        # whole lines only
         logged = head.count(b'"train/return"')                     # episodes already logged
         new, steps = [], 0
-        for i, rows in enumerate(self.replay.lengths):
-            length = self.cfg.action_repeat * rows                           # env steps
+        for i, length in enumerate(self.replay.env_steps):                 # env steps
             steps += length
             if i >= logged:
                 episode = self.replay.episode(i)
@@ -2196,7 +2245,9 @@ class Trainer:
         self.check_parameters()                         # the last Adam step's result
         c["phase_updates"] = 0
         mean = {k: torch.stack([m[k] for m in metrics]).mean().item() for k in metrics[0]}
-        mean["time/updates_per_s"] = len(metrics) / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.phase_seconds += seconds
+        mean["time/updates_per_s"] = len(metrics) / seconds
         return mean
 
     def train_owed(self, steps, due_by=None):
@@ -2218,19 +2269,30 @@ class Trainer:
         return (self.replay.num_episodes < self.cfg.seed_episodes
                 or not self.replay.can_sample(self.cfg.batch_length))
 
-    def collect(self, env, explore, random_actions=False):
-        """Environment interaction: one episode with the policy (or uniform random actions)."""
+    def collect(self, env, explore, random_actions=False, label=None, train_from=None):
+        """Environment interaction: one episode with the policy (or uniform random actions).
+        With a label, a line every EVAL_PROGRESS env steps says how far a long episode got.
+        With train_from (the run's env steps before this episode), the training phases that
+        fall due inside the episode run there, before the action at that env step [official
+        code: train every train_every env steps], on the episodes finished before it."""
         def policy(obs, state):
             self.stop.check()
+            if train_from is not None:
+                self.train_metrics = self.train_owed(train_from + env.steps) or self.train_metrics
+            if label and env.steps and env.steps % EVAL_PROGRESS < self.cfg.action_repeat:
+                print(f"  {label}: {env.steps:,} env steps so far", flush=True)
             if random_actions:
                 return env.sample_action(), None
             return self.agent.act(obs, state, explore, self.counters["updates"])
         return run_episode(env, policy)
 
     def evaluate(self):
-        """Mean return of eval_episodes episodes with the policy's mode, no exploration noise."""
-        returns = [self.collect(self.eval_env, explore=False)[1]
-                   for _ in range(self.cfg.eval_episodes)]
+        """Mean return of eval_episodes episodes with the policy's mode, no exploration noise
+        (discrete actions: ε-greedy with ε = epsilon_eval). An Atari episode can be 108,000
+        frames long: progress lines say how far an evaluation got."""
+        n = self.cfg.eval_episodes
+        returns = [self.collect(self.eval_env, explore=False, label=f"evaluation {i + 1}/{n}")[1]
+                   for i in range(n)]
         return float(np.mean(returns))
 
     def evaluate_and_log(self, steps):
@@ -2240,7 +2302,8 @@ class Trainer:
             self.counters["next_eval"] += self.cfg.eval_every
 
     def env_steps(self):
-        return self.replay.num_steps * self.cfg.action_repeat
+        """Env steps played so far: the frames actually played, counted per episode."""
+        return self.replay.num_env_steps
 
     def run(self):
         cfg, c = self.cfg, self.counters
@@ -2256,29 +2319,33 @@ class Trainer:
             held = f" ({held} in memory: --replay_capacity {cfg.replay_capacity})" * (held < n)
             print(f"resuming from {self.checkpoint_path}: {steps} env steps, "
                   f"{n} episodes{held}, {c['updates']} updates", flush=True)
-        clock, train_metrics = [(time.perf_counter(), steps)], {}   # (time, env steps) marks
+        clock = [(time.perf_counter(), steps)]                       # (time, env steps) marks
         previous = {s: signal.signal(s, self.stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             if finishing:
                 # Stopped after the last episode was written but before the final checkpoint
                 # (a kill), or during the final evaluation: redo what an unbroken run did after
-                # its last episode began, the phases due before it and the final evaluation.
-                last = cfg.action_repeat * self.replay.lengths[-1]
-                train_metrics = self.train_owed(steps, due_by=steps - last)
+                # its last episode began: the phases due before its last action (every action
+                # but the last played R env steps) and the final evaluation.
+                last_action = self.replay.env_steps[-1] - cfg.action_repeat * (
+                    self.replay.lengths[-1] - 1)
+                self.train_metrics = self.train_owed(steps, due_by=steps - last_action)
                 self.evaluate_and_log(steps)
             while steps < cfg.steps:
                 # Algorithm 1, dynamics + behaviour learning: train_steps updates per train_every
-                # env steps, run between episodes (the first after the seed episodes).
+                # env steps (the first after the seed episodes), here between episodes and, for
+                # phases that fall due inside an episode (Atari's long ones), in collect.
                 # After a resume, phases owed for episodes collected since the checkpoint run
                 # here, so the ratio of updates to env steps stays that of the config.
-                train_metrics = self.train_owed(steps) or train_metrics
+                self.train_metrics = self.train_owed(steps) or self.train_metrics
                 if steps >= c["next_eval"]:   # an evaluation cut short by Ctrl-C, now owed
                     self.evaluate_and_log(steps)
                 # Algorithm 1, environment interaction: seed episodes act at random.
                 seeding = self.seeding()
-                t_env = time.perf_counter()
-                episode, ret = self.collect(self.env, explore=True, random_actions=seeding)
-                self.replay.add(episode)
+                t_env = time.perf_counter() - self.phase_seconds   # (less phases inside it)
+                episode, ret = self.collect(self.env, explore=True, random_actions=seeding,
+                                            train_from=None if seeding else steps)
+                self.replay.add(episode, self.env.steps)
                 if seeding and not self.seeding():
                     c["next_train"] = self.env_steps()   # the first phase follows the seeding
                 new_steps = self.env_steps() - steps
@@ -2286,7 +2353,8 @@ class Trainer:
                 self.last["train/return"] = ret
                 record = {"train/return": ret, "train/length": new_steps,
                           "train/action_saturation": action_saturation(episode["action"][1:]),
-                          "time/env_steps_per_s": new_steps / (time.perf_counter() - t_env)}
+                          "time/env_steps_per_s": new_steps / (time.perf_counter()
+                                                               - self.phase_seconds - t_env)}
                 self.log(steps, record)
                 if steps >= c["next_eval"] or steps >= cfg.steps:
                     self.evaluate_and_log(steps)
@@ -2295,7 +2363,7 @@ class Trainer:
                         c["next_checkpoint"] += cfg.checkpoint_every
                     self.save_checkpoint()
                 clock = (clock + [(time.perf_counter(), steps)])[-6:]   # the last 5 episodes
-                self.progress(steps, clock, record, train_metrics)
+                self.progress(steps, clock, record, self.train_metrics)
             self.save_checkpoint()
         except KeyboardInterrupt:
             for sig in previous:                  # a third Ctrl-C must not cut the save
@@ -3059,6 +3127,14 @@ def parse_args(argv=None):
         if clash:
             raise UserError(f"--ablation {args.ablation} sets --{field} itself and only trains; "
                             f"drop {' '.join(clash)}")
+        for arm in ABLATIONS[args.ablation][1]:   # every arm can run, or none starts
+            try:
+                arm_cfg = dataclasses.replace(cfg, **{field: arm})
+                validate(arm_cfg)
+                check_task_config(arm_cfg, args.env)
+            except UserError as e:
+                raise UserError(f"--ablation {args.ablation}: its {arm} arm (--{field} {arm}) "
+                                f"cannot run on {args.env}: {e}") from None
         # What each arm is started with: the task, preset and device, and the flags given.
         args.arm_flags = ["--env", args.env, "--preset", args.preset, "--device", args.device]
         for f in dataclasses.fields(Config):

@@ -668,6 +668,77 @@ def test_atari_lost_life_is_terminal_for_training_and_a_time_out_is_not():
     assert len(episode["reward"]) == 11 and not episode["terminal"].any()
 
 
+class ScriptedALE:
+    """Stands in for ale-py's ALEInterface: the lives after each frame come from a script."""
+
+    def __init__(self, lives):
+        self.script, self.frame = lives, 0
+
+    def act(self, action):
+        self.frame += 1
+        return 0.0
+
+    def lives(self):
+        return self.script[min(self.frame, len(self.script) - 1)]
+
+    def game_over(self):
+        return False
+
+    def getScreenRGB(self, out):
+        out[:] = self.frame
+
+
+def test_atari_a_life_lost_after_a_bonus_life_ends_the_episode_inside_the_repeat():
+    """[official code] The lives are remembered after every frame: 3 lives, a bonus life at
+    frame 2 (4), one lost at frame 6 (3 again) is a lost life, terminal at once, and the step
+    stops after the 6 frames really played (env.steps counts them, not 2 × R = 8)."""
+    env = d.make_env("atari_breakout", 4, 108_000, seed=0)
+    env.reset()
+    env.ale, env.lives, env.steps = ScriptedALE([3, 3, 4, 4, 4, 4, 3, 3, 3]), 3, 0
+    _, _, done, terminal = env.step(np.eye(4)[0])                   # frames 1–4: 3, 4, 4, 4
+    assert not done and not terminal and env.lives == 4
+    _, _, done, terminal = env.step(np.eye(4)[0])                   # frames 5, 6: 4, 3
+    assert done and terminal and env.steps == 6
+
+
+def test_evaluation_of_discrete_actions_is_epsilon_greedy_with_a_tiny_epsilon(monkeypatch):
+    """[paper's TF1 code: test_action_noise 0.001] Evaluation plays the mode but, with
+    probability epsilon_eval, a uniform action, so that a game never stalls on one action; the
+    continuous actors' evaluation action is the mode itself (DMC unchanged)."""
+    cfg, _ = d.parse_args(["--env", "atari_pong", "--preset", "tiny"])
+    assert cfg.epsilon_eval == 0.001
+    mode = torch.nn.functional.one_hot(torch.zeros(60_000, dtype=torch.long), 6).float()
+    torch.manual_seed(0)
+    for eps in (0.001, 0.5):
+        played = d.OneHotActor.evaluation(mode, dataclasses.replace(cfg, epsilon_eval=eps))
+        assert played.sum(-1).eq(1).all()                           # one-hot rows
+        other = (played.argmax(-1) != 0).float().mean().item()      # replaced, not by action 0
+        assert other == pytest.approx(eps * 5 / 6, abs=4 * math.sqrt(eps / 60_000) + 1e-4)
+    continuous = torch.rand(5, 2) * 2 - 1
+    assert d.Actor.evaluation(continuous, cfg) is continuous
+    agent = d.Dreamer(cfg, 6, "cpu")
+    called = []
+    monkeypatch.setattr(d.OneHotActor, "evaluation",
+                        staticmethod(lambda action, cfg: called.append(action) or action))
+    agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=False)
+    assert len(called) == 1
+    agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)
+    assert len(called) == 1                                         # training explores instead
+
+
+def test_a_long_evaluation_says_how_far_it_got(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(d, "EVAL_PROGRESS", 100)
+    cfg, _ = d.parse_args([*E2E, "--eval_episodes", "2"])
+    trainer = d.Trainer(cfg, "reacher_easy", tmp_path / "run", "cpu")
+    try:
+        trainer.evaluate()
+    finally:
+        trainer.lock.close()
+    out = capsys.readouterr().out
+    assert out.count("env steps so far") == 2                       # 200-step episodes
+    assert "evaluation 1/2: 100 env steps so far" in out and "evaluation 2/2: 100" in out
+
+
 def test_atari_training_loop_wiring(tmp_path, monkeypatch):
     """The Trainer's parts for Atari: a lost life ends training episodes but not evaluation
     ones; exploration gets the run's update count (the ε schedule); seeding goes on until an
@@ -1580,6 +1651,11 @@ BAD_ARGS = [
     (["--env", "atari_pong", "--epsilon_end", "1.5"], "are probabilities, ≤ 1"),
     (["--env", "atari_pong", "--actor_entropy", "1e-3"], "not for the one-hot actor"),
     (["--env", "atari_pong", "--value_estimate", "reward"], "does not go with a discount"),
+    # An ablation whose arm cannot run on the task is refused before any arm starts.
+    (["--env", "atari_pong", "--ablation", "value"], "--ablation value: its reward arm "
+     "(--value_estimate reward) cannot run on atari_pong: --value_estimate reward"),
+    (["--env", "atari_pong", "--epsilon_eval", "2"], "are probabilities, ≤ 1"),
+    (["--env", "reacher_easy", "--epsilon_eval", "0.01"], "--epsilon_eval is ε-greedy"),
     # The replay's bound: one whole episode at least.
     (["--replay_capacity", "-1"], "--replay_capacity must be ≥ 0"),
     (["--replay_capacity", "999"], "--replay_capacity 999 holds less than one episode of "
@@ -1747,7 +1823,7 @@ def test_a_run_under_a_replay_capacity_resumes_with_the_newest_episodes_that_fit
         assert len(replay.episodes) == 2 and replay.in_memory == 200
         for episode, name in zip(replay.episodes, ["000001.npz", "000002.npz"]):
             with np.load(logdir / "episodes" / name) as data:
-                assert all(np.array_equal(episode[k], data[k]) for k in data.files)
+                assert all(np.array_equal(episode[k], data[k]) for k in episode)
     finally:
         trainer.lock.close()
     resumed = run_cli(*E2E, *cap, "--steps", "1000", "--logdir", str(logdir))
@@ -2650,7 +2726,20 @@ class Coins(gym.Env):
     observation_space = gym.spaces.Dict({"a": gym.spaces.Box(0, 1, (2,))})
     action_space = gym.spaces.Discrete(3)
 
+class Seven(Line):
+    """Ends (terminated) after exactly 7 env steps: inside an action repeat of 2."""
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        self.t += 1
+        obs, reward, _, _, info = super().step(action)
+        return obs, reward, self.t == 7, False, info
+
 gym.register(id="Line-v0", entry_point="dreamer_user_envs:Line", max_episode_steps=40)
+gym.register(id="Seven-v0", entry_point="dreamer_user_envs:Seven", max_episode_steps=40)
 gym.register(id="Push-v0", entry_point="dreamer_user_envs:Line", max_episode_steps=40,
              kwargs={"push": 0.2})
 gym.register(id="Endless-v0", entry_point="dreamer_user_envs:Line")
@@ -2687,6 +2776,41 @@ def test_gym_box_actions_are_scaled_onto_the_bounds_and_terminated_is_terminal(u
     assert episode["obs"].dtype == np.float32
     pixels = d.make_env("gym:dreamer_user_envs:Line-v0", time_limit=40, obs="pixels")
     assert pixels.reset().shape == (3, 64, 64) and pixels.reset().dtype == np.uint8
+
+
+def test_env_steps_count_the_steps_really_played(user_envs, tmp_path):
+    """An episode that ends inside an action's repeat played fewer env steps than its agent
+    steps × R: Seven-v0 ends after 7 (4 actions at R = 2, the last played once). --steps, the
+    step axis and train/length count 7 per episode, and a resume reads them back from the files."""
+    argv = ["--env", "gym:dreamer_user_envs:Seven-v0", "--obs", "state", "--preset", "tiny",
+            "--action_repeat", "2", "--batch_length", "4", "--train_every", "14",
+            "--eval_every", "28", "--checkpoint_every", "28", "--logdir", str(tmp_path / "run")]
+    assert d.main([*argv, "--steps", "28"]) == 0
+    assert d.main([*argv, "--steps", "56"]) == 0
+    records = [m for m in read_metrics(tmp_path / "run") if "train/return" in m]
+    assert [m["step"] for m in records] == list(range(7, 57, 7))
+    assert {m["train/length"] for m in records} == {7}
+    with np.load(tmp_path / "run" / "episodes" / "000000.npz") as episode:
+        assert int(episode["env_steps"]) == 7 and len(episode["reward"]) == 5
+
+
+def test_training_phases_fall_due_inside_episodes_every_train_every_env_steps(user_envs,
+                                                                              tmp_path):
+    """[official code] Train every train_every env steps, inside an episode too: Line-v0's
+    40-step episodes with --train_every 10 get a phase (5 updates) at every 10th env step from
+    the end of the seed episode on, each logged at its own step, not four at the episode's end.
+    A run stopped at 80 and resumed to 120 has the phases of an unbroken one."""
+    argv = ["--env", "gym:dreamer_user_envs:Line-v0", "--obs", "state", "--preset", "tiny",
+            "--train_every", "10", "--eval_every", "1000", "--logdir", str(tmp_path / "run")]
+    assert d.main([*argv, "--steps", "80"]) == 0
+    assert d.main([*argv, "--steps", "120"]) == 0
+    metrics = read_metrics(tmp_path / "run")
+    ends = [m["step"] for m in metrics if "train/return" in m]
+    phases = [m["step"] for m in metrics if "model/loss" in m]
+    assert phases == list(range(ends[0], ends[-1], 10))              # one per 10 env steps
+    assert set(phases) - set(ends)                                   # some inside an episode
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["counters"]["updates"] == 5 * len(phases)
 
 
 def test_gym_tasks_bring_their_time_limit_and_kind_of_actions(user_envs):
