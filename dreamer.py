@@ -1453,6 +1453,41 @@ class ReplayBuffer:
         return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
         # END EXERCISE
 
+    def sampleable(self, length):
+        """The fraction of the transitions in memory that sample() can draw: those in episodes
+        of ≥ `length` rows (a shorter episode, e.g. a game over, fits no chunk)."""
+        held = [len(e["reward"]) - 1 for e in self.episodes]
+        return sum(n for n in held if n + 1 >= length) / max(1, sum(held))
+
+
+class EndsReplayBuffer(ReplayBuffer):
+    """Not in the paper: the replay for tasks whose episodes can end early (Atari, gym: tasks).
+    [DreamerV2's pre-release code: oversample_ends] With uniform starts, a chunk holds an
+    episode's last row (its terminal, the discount predictor's only label 0) once in T − L + 2
+    draws, so terminal rows reach batches about L times less often than they are stored. Here,
+    in an episode that really ended (its last row terminal), the start is drawn uniformly over
+    all T + 1 rows and then moved back to the last whole window, min(u, T + 1 − L): the last
+    window comes with probability L / (T + 1), and the terminal row reaches batches at its
+    stored rate within the episode. Episodes cut by a time limit are sampled as by
+    ReplayBuffer. Chunks stay inside one episode; episodes still need L rows (AtariEnv's
+    min_length sees to that)."""
+
+    def sample(self, batch_size, length):
+        """As ReplayBuffer.sample, with the starts drawn as above."""
+        eligible = [e for e in self.episodes if len(e["reward"]) >= length]
+        if not eligible:
+            raise ValueError(f"no episode in the replay has {length} steps to sample")
+        chunks = []
+        for _ in range(batch_size):
+            episode = eligible[self.rng.integers(len(eligible))]
+            rows = len(episode["reward"])
+            if episode["terminal"][-1]:
+                start = min(self.rng.integers(rows), rows - length)  # the end oversampled
+            else:
+                start = self.rng.integers(rows - length + 1)
+            chunks.append({k: v[start:start + length] for k, v in episode.items()})
+        return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+
 
 # ============================================================================================
 # Environments: DeepMind Control Suite from pixels; Atari (discrete actions, early ends);
@@ -1652,15 +1687,19 @@ class AtariEnv:
     the episode (life_done; training only here, as in the paper's TF1 code, so evaluation plays
     every life). Episodes stop after time_limit env steps (frames; 108,000 = ALE's cap), which
     is no terminal. Actions are one-hot over the game's minimal action set. The game restarts
-    at every reset [official TF2 code], after a lost life too."""
+    at every reset [official TF2 code], after a lost life too. [paper's TF1 code:
+    MinimumDuration] A life lost before agent step min_length does not end the episode (the
+    game goes on with the next life, the row is not terminal), so that every training episode
+    but a game over holds a whole replay chunk (min_length = batch_length)."""
 
     can_end_early, discrete, obs_shape = True, True, (3, 64, 64)
     noops, sticky = 30, 0.25                                  # [official code]
 
-    def __init__(self, game, action_repeat=4, time_limit=108_000, seed=0, life_done=True):
+    def __init__(self, game, action_repeat=4, time_limit=108_000, seed=0, life_done=True,
+                 min_length=0):
         from ale_py import ALEInterface, LoggerMode, roms
         ALEInterface.setLoggerMode(LoggerMode.Error)
-        self.task, self.life_done = f"atari_{game}", life_done
+        self.task, self.life_done, self.min_length = f"atari_{game}", life_done, min_length
         self.ale = ALEInterface()
         self.ale.setInt("random_seed", seed % 2 ** 31)          # the sticky actions' RNG
         self.ale.setFloat("repeat_action_probability", self.sticky)
@@ -1672,7 +1711,7 @@ class AtariEnv:
         self.random = np.random.RandomState(seed)               # the no-ops at reset
         height, width = self.ale.getScreenDims()
         self.frames = np.zeros((2, height, width, 3), np.uint8)  # the last two frames
-        self.steps, self.lives = 0, 0
+        self.steps, self.agent_steps, self.lives = 0, 0, 0
 
     def sample_action(self):
         """A uniformly random one-hot action (the seed episodes), from numpy's global RNG."""
@@ -1683,7 +1722,7 @@ class AtariEnv:
         return resize64(frames.max(0))
 
     def reset(self):
-        self.steps = 0
+        self.steps = self.agent_steps = 0
         self.ale.reset_game()
         for _ in range(self.random.randint(1, self.noops + 1)):  # [official code] 1–30 no-ops
             self.ale.act(self.actions[0])                         # (the minimal set's NOOP)
@@ -1703,6 +1742,8 @@ class AtariEnv:
                            f"{self.steps} of an episode")
         a = self.actions[int(action.argmax())]
         reward, terminal, seen = 0.0, False, 0
+        self.agent_steps += 1
+        life_ends = self.life_done and self.agent_steps >= self.min_length   # [paper's TF1 code]
         for _ in range(self.action_repeat):
             reward += self.ale.act(a)
             self.steps += 1
@@ -1711,7 +1752,7 @@ class AtariEnv:
             # [official code] the lives are remembered after every frame, so that a life lost
             # after a bonus life (3 → 4 → 3) ends the episode too
             lives, remembered, self.lives = self.ale.lives(), self.lives, self.ale.lives()
-            terminal = self.ale.game_over() or (self.life_done and lives < remembered)
+            terminal = self.ale.game_over() or (life_ends and lives < remembered)
             if terminal or self.steps >= self.time_limit:
                 break
         done = terminal or self.steps >= self.time_limit
@@ -1853,15 +1894,16 @@ class GymEnv:
 
 
 def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048, training=True,
-             obs="pixels"):
+             obs="pixels", min_length=0):
     """The public entry point for environments: DMCEnv, AtariEnv for atari_GAME (where a lost
-    life ends only training episodes, training=True), or GymEnv for gym:ID; obs: pixels or
-    state. Raises UserError for an unknown task and for a simulator that cannot be set up (e.g.
+    life ends only training episodes, training=True, and only from agent step min_length on),
+    or GymEnv for gym:ID; obs: pixels or state. Raises UserError for an unknown task and for a simulator that cannot be set up (e.g.
     dm_control's ImportError or RuntimeError when no renderer works)."""
     try:
         if is_atari(task):
             return AtariEnv(parse_task(task)[1], action_repeat=action_repeat,
-                            time_limit=time_limit, seed=seed, life_done=training)
+                            time_limit=time_limit, seed=seed, life_done=training,
+                            min_length=min_length)
         if is_gym(task):
             return GymEnv(task, action_repeat=action_repeat, time_limit=time_limit, seed=seed,
                           obs=obs)
@@ -2081,16 +2123,18 @@ class Trainer:
         self.check_logdir()
         seed_everything(cfg.seed)
         self.env = make_env(task, cfg.action_repeat, cfg.time_limit, seed=cfg.seed,
-                            shadow_size=cfg.shadow_size, obs=cfg.obs)
+                            shadow_size=cfg.shadow_size, obs=cfg.obs, min_length=cfg.batch_length)
         check_task_fits(cfg, task, self.env.max_env_steps, self.env.can_end_early)
         # A separate environment for evaluation, so evaluating leaves training's RNG alone.
         self.eval_env = make_env(task, cfg.action_repeat, cfg.time_limit,
                                  seed=cfg.seed + EVAL_SEED_OFFSET, shadow_size=cfg.shadow_size,
                                  training=False, obs=cfg.obs)
         self.agent = Dreamer(cfg, self.env.action_dim, device, self.env.obs_shape)
-        self.replay = ReplayBuffer(self.logdir / "episodes", seed=cfg.seed,
-                                   capacity=cfg.replay_capacity // cfg.action_repeat,
-                                   action_repeat=cfg.action_repeat)
+        # Tasks that end early sample their episodes' ends more often (EndsReplayBuffer).
+        replay = EndsReplayBuffer if self.env.can_end_early else ReplayBuffer
+        self.replay = replay(self.logdir / "episodes", seed=cfg.seed,
+                             capacity=cfg.replay_capacity // cfg.action_repeat,
+                             action_repeat=cfg.action_repeat)
         self.counters = {"next_train": 0, "next_eval": cfg.eval_every, "updates": 0,
                          "phase_updates": 0, "next_checkpoint": cfg.checkpoint_every}
         self.last = {"train/return": float("nan"), "eval/return": float("nan")}
@@ -2248,6 +2292,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.phase_seconds += seconds
         mean["time/updates_per_s"] = len(metrics) / seconds
+        if self.env.can_end_early:       # how much of the replay fits a chunk (Atari, gym:)
+            mean["replay/sampleable"] = self.replay.sampleable(cfg.batch_length)
         return mean
 
     def train_owed(self, steps, due_by=None):

@@ -701,6 +701,45 @@ def test_atari_a_life_lost_after_a_bonus_life_ends_the_episode_inside_the_repeat
     assert done and terminal and env.steps == 6
 
 
+def test_atari_a_life_lost_before_min_length_does_not_end_a_training_episode():
+    """[paper's TF1 code: MinimumDuration] With min_length 3 (the Trainer passes batch_length),
+    a life lost in the first agent step goes on into the next life, not terminal; one lost from
+    agent step 3 on ends the episode. Short lives thus stay inside chunks that can be sampled."""
+    env = d.make_env("atari_breakout", 4, 108_000, seed=0, min_length=3)
+    env.reset()
+    env.ale = ScriptedALE([5, 5, 4] + [4] * 8 + [3] * 4)   # lives lost at frames 2 and 11
+    env.lives, env.steps = 5, 0
+    results = [env.step(np.eye(4)[0]) for _ in range(3)]      # frames 1–12
+    assert [r[3] for r in results] == [False, False, True] and env.steps == 11
+    assert d.make_env("atari_breakout", 4, 108_000, seed=0, training=False).min_length == 0
+
+
+def test_replay_of_tasks_that_end_early_brings_terminal_rows_at_their_stored_rate():
+    """[DreamerV2's pre-release code: oversample_ends] Uniform starts put an episode's terminal
+    last row into batches about L times less often than it is stored; EndsReplayBuffer moves
+    starts past the last whole window back to it, so it comes at about the stored rate, while
+    an episode cut by a time limit is sampled uniformly, exactly as by ReplayBuffer."""
+    def episode(rows, ends):
+        return {"obs": np.zeros((rows, 1), np.float32), "action": np.zeros((rows, 1), np.float32),
+                "reward": np.arange(rows, dtype=np.float32),
+                "terminal": np.arange(rows) == rows - 1 if ends else np.zeros(rows, bool)}
+    rates = {}
+    for kind in (d.ReplayBuffer, d.EndsReplayBuffer):
+        replay = kind(seed=0)
+        for rows in (60, 80, 200):
+            replay.add(episode(rows, ends=True))
+        batch = replay.sample(20_000, 50)
+        rates[kind] = batch["terminal"].mean()
+    stored = np.mean([1 / 60, 1 / 80, 1 / 200])           # per episode, episodes drawn uniformly
+    assert rates[d.ReplayBuffer] < stored / 10             # the problem: ≈ 0.09 % against 1.1 %
+    assert rates[d.EndsReplayBuffer] == pytest.approx(stored, rel=0.1)
+    plain, ends = d.ReplayBuffer(seed=1), d.EndsReplayBuffer(seed=1)
+    for replay in (plain, ends):
+        replay.add(episode(120, ends=False))
+    assert np.array_equal(plain.sample(64, 50)["reward"], ends.sample(64, 50)["reward"])
+    assert ends.sampleable(50) == 1.0 and ends.sampleable(121) == 0.0
+
+
 def test_evaluation_of_discrete_actions_is_epsilon_greedy_with_a_tiny_epsilon(monkeypatch):
     """[paper's TF1 code: test_action_noise 0.001] Evaluation plays the mode but, with
     probability epsilon_eval, a uniform action, so that a game never stalls on one action; the
@@ -2811,6 +2850,7 @@ def test_training_phases_fall_due_inside_episodes_every_train_every_env_steps(us
     assert set(phases) - set(ends)                                   # some inside an episode
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["counters"]["updates"] == 5 * len(phases)
+    assert all(m["replay/sampleable"] == 1.0 for m in metrics if "model/loss" in m)
 
 
 def test_gym_tasks_bring_their_time_limit_and_kind_of_actions(user_envs):
