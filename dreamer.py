@@ -1436,22 +1436,27 @@ class ReplayBuffer:
         return sum(self.env_steps)
 
     def sample(self, batch_size, length):
-        """B chunks of L consecutive rows: an episode uniformly at random, then a start uniformly
-        at random [official code], both drawn with self.rng (its state is checkpointed, so a
+        """B chunks of L consecutive rows: an episode uniformly at random, then a start from
+        window_start (uniform [official code]), both drawn with self.rng (its state is checkpointed, so a
         resumed run samples as an unbroken one). A chunk never crosses an episode boundary.
         → dict of arrays obs [B, L, 3, 64, 64] (uint8), action [B, L, A], reward [B, L],
         terminal [B, L]."""
-        # EXERCISE replay_sample: B times: an episode with ≥ L rows, a start, both uniform; np.stack
+        # EXERCISE replay_sample: B times: an episode with ≥ L rows (uniform), self.window_start; np.stack
         eligible = [e for e in self.episodes if len(e["reward"]) >= length]
         if not eligible:
             raise ValueError(f"no episode in the replay has {length} steps to sample")
         chunks = []
         for _ in range(batch_size):
             episode = eligible[self.rng.integers(len(eligible))]
-            start = self.rng.integers(len(episode["reward"]) - length + 1)
+            start = self.window_start(episode, length)
             chunks.append({k: v[start:start + length] for k, v in episode.items()})
         return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
         # END EXERCISE
+
+    def window_start(self, episode, length):
+        """The first row of a chunk of `length` rows: uniform over the episode's whole windows
+        [official code], drawn with self.rng."""
+        return self.rng.integers(len(episode["reward"]) - length + 1)
 
     def sampleable(self, length):
         """The fraction of the transitions in memory that sample() can draw: those in episodes
@@ -1472,21 +1477,13 @@ class EndsReplayBuffer(ReplayBuffer):
     ReplayBuffer. Chunks stay inside one episode; episodes still need L rows (AtariEnv's
     min_length sees to that)."""
 
-    def sample(self, batch_size, length):
-        """As ReplayBuffer.sample, with the starts drawn as above."""
-        eligible = [e for e in self.episodes if len(e["reward"]) >= length]
-        if not eligible:
-            raise ValueError(f"no episode in the replay has {length} steps to sample")
-        chunks = []
-        for _ in range(batch_size):
-            episode = eligible[self.rng.integers(len(eligible))]
-            rows = len(episode["reward"])
-            if episode["terminal"][-1]:
-                start = min(self.rng.integers(rows), rows - length)  # the end oversampled
-            else:
-                start = self.rng.integers(rows - length + 1)
-            chunks.append({k: v[start:start + length] for k, v in episode.items()})
-        return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+    def window_start(self, episode, length):
+        """As ReplayBuffer's, but min(u, T + 1 − L), u uniform over all T + 1 rows, in an
+        episode whose last row is terminal."""
+        rows = len(episode["reward"])
+        if not episode["terminal"][-1]:
+            return super().window_start(episode, length)
+        return min(self.rng.integers(rows), rows - length)            # the end oversampled
 
 
 # ============================================================================================
