@@ -1894,8 +1894,9 @@ def make_env(task, action_repeat=2, time_limit=1000, seed=0, shadow_size=2048, t
              obs="pixels", min_length=0):
     """The public entry point for environments: DMCEnv, AtariEnv for atari_GAME (where a lost
     life ends only training episodes, training=True, and only from agent step min_length on),
-    or GymEnv for gym:ID; obs: pixels or state. Raises UserError for an unknown task and for a simulator that cannot be set up (e.g.
-    dm_control's ImportError or RuntimeError when no renderer works)."""
+    or GymEnv for gym:ID; obs: pixels or state. Raises UserError for an unknown task and for
+    a simulator that cannot be set up (e.g. dm_control's ImportError or RuntimeError when no
+    renderer works)."""
     try:
         if is_atari(task):
             return AtariEnv(parse_task(task)[1], action_repeat=action_repeat,
@@ -2299,7 +2300,7 @@ class Trainer:
         now. → the last one's metrics, or {}."""
         cfg, c, metrics = self.cfg, self.counters, {}
         due_by = steps if due_by is None else due_by
-        while not self.seeding() and due_by >= c["next_train"]:
+        while due_by >= c["next_train"] and not self.seeding():   # (cheap test first: per step)
             metrics = self.train_phase()
             self.log(steps, metrics)
             self.watch_actor(metrics)
