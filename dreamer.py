@@ -474,8 +474,8 @@ class Actor(nn.Module):
     def forward(self, feat, sample=True):
         """Return (action, log q_φ(action | s)); sample=False gives tanh(μ), the deterministic
         action used for evaluation: the pre-tanh Gaussian's mode pushed through tanh, which is
-        the squashed distribution's median (its mode too once σ is small; the official code
-        keeps the most likely of 100 samples instead)."""
+        the squashed distribution's median (its mode too once σ is small). A difference from
+        the official code, which keeps the most likely of 100 samples (README: differences)."""
         mean, std = self.dist_params(feat)
         u = mean + std * torch.randn_like(std) if sample else mean   # (Eq. 3) pre-tanh sample
         action = torch.tanh(u)
