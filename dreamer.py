@@ -189,7 +189,8 @@ def gaussian_log_likelihood(mean, x):
 
 def kl_gaussian(mean1, std1, mean2, std2):
     """KL(N(μ₁, σ₁) ‖ N(μ₂, σ₂)) of diagonal Gaussians, per dimension (Eq. 10's J_D takes the
-    posterior as the first, the prior as the second): ln(σ₂/σ₁) + (σ₁² + (μ₁ − μ₂)²)/(2σ₂²) − ½."""
+    posterior as the first, the prior as the second):
+    ln(σ₂/σ₁) + (σ₁² + (μ₁ − μ₂)²)/(2σ₂²) − ½."""
     return (torch.log(std2 / std1)
             + (std1 ** 2 + (mean1 - mean2) ** 2) / (2 * std2 ** 2) - 0.5)
 
@@ -432,9 +433,9 @@ class WorldModel(nn.Module):
 # ============================================================================================
 
 class Actor(nn.Module):
-    """(Eq. 2, 3) The action model q_φ(a_τ | s_τ): a_τ = tanh(μ_φ(s_τ) + σ_φ(s_τ)·ε), ε ~ N(0, I),
-    a tanh-squashed Gaussian sampled with the reparameterisation trick so that ∂a/∂φ exists.
-    4 × 400 ELU layers.
+    """(Eq. 2, 3) The action model q_φ(a_τ | s_τ): a_τ = tanh(μ_φ(s_τ) + σ_φ(s_τ)·ε),
+    ε ~ N(0, I), a tanh-squashed Gaussian sampled with the reparameterisation trick so that
+    ∂a/∂φ exists. 4 × 400 ELU layers.
     [official code] mean = 5·tanh(μ/5) and σ = softplus(x + softplus⁻¹(5)) + 10⁻⁴, so that
     σ ≈ 5 at initialisation: wide, exploratory actions early on."""
 
@@ -2597,7 +2598,7 @@ class Trainer(TrainingLoop):
                 c["next_checkpoint"] += cfg.checkpoint_every
             self.save_checkpoint()
         self.clock = (self.clock + [(time.perf_counter(), steps)])[-6:]   # the last 5 episodes
-        self.progress(steps, self.clock, record, self.train_metrics)
+        self.progress(steps, record)
         return steps
 
     def run(self):
@@ -2691,10 +2692,11 @@ class Trainer(TrainingLoop):
         at = f" at {at} env steps" if at is not None else ""
         return f"kept in {self.logdir}: the last checkpoint{at} and {episodes}"
 
-    def progress(self, steps, clock, record, train):
+    def progress(self, steps, record):
         """One line per episode: where the run is, what it returns, what it learns, how fast.
         The ETA extrapolates the pace (training + collection) of the last 5 episodes."""
-        (t_old, s_old), (t_new, s_new) = clock[0], clock[-1]
+        (t_old, s_old), (t_new, s_new) = self.clock[0], self.clock[-1]
+        train = self.train_metrics
         rate = (s_new - s_old) / max(t_new - t_old, 1e-9)
         eta = max(self.cfg.steps - steps, 0) / max(rate, 1e-9)   # (an episode may run past)
         line = (f"step {steps:>8} | ep {self.replay.num_episodes:>4} | "
